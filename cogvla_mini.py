@@ -255,16 +255,18 @@ class DecoderLayer(nn.Module):
         return x + m
 
 
-def attention_mask(cfg: CogVLAConfig, n: int, device=None):
-    """The "may attend" mask [1, 1, N, N]: row i (query) may see column j (key)."""
-    i = torch.arange(n, device=device)
-    allowed = i[None, :] <= i[:, None]                                    # [N, N] causal
+def attention_mask(cfg: CogVLAConfig, token_idx):
+    """The "may attend" mask [B or 1, 1, K, K] among the tokens at sequence positions
+    token_idx [B or 1, K]: row i (query) may see column j (key). For the whole sequence pass
+    arange(N); for an LFP layer pass its kept indices, and the result equals the kept rows and
+    columns of the N x N mask (Phase 3) without building or gathering that one (see gather_mask)."""
+    q, k = token_idx[:, :, None], token_idx[:, None, :]                   # [B, K, 1], [B, 1, K]
+    allowed = k <= q                                                      # [B, K, K] causal
     if cfg.mask_kind == "catten":
         # V-L-A coupled attention: the action segment sees itself both ways; earlier tokens
         # still never see it (their rows keep the causal zeros).
-        action = i >= cfg.action_start                                    # [N]
-        allowed = allowed | (action[:, None] & action[None, :])          # [N, N]
-    return allowed[None, None]                                            # [1, 1, N, N]
+        allowed = allowed | ((q >= cfg.action_start) & (k >= cfg.action_start))  # [B, K, K]
+    return allowed[:, None]                                               # [B, 1, K, K]
 
 
 # %% ====================================================================================
@@ -287,6 +289,7 @@ def shifted_linear_with_ratio(average: float, layer: int, n_layers: int) -> floa
 # 0.090, 0.003. These ratios are the ones whose int(192 x ratio) reproduces the counts:
 # 163, 143, 115, 76, 51, 38 vision tokens kept (+ BOS, 20 text, 43 action = the counts).
 SEED_SCHEDULE = {5: 0.85, 10: 0.745, 15: 0.60, 20: 0.40, 25: 0.266, 30: 0.20}
+REFERENCE_SCHEDULE = "shiftedcos_decay_0.85_0.15"   # the public code's default
 
 
 def lfp_schedule(cfg: CogVLAConfig) -> dict[int, float]:
@@ -339,6 +342,7 @@ class Router(nn.Module):
     def forward(self, h):
         """h: the layer's normalised input [B, N, D] -> keep probability [B, N]."""
         cfg = self.cfg
+        logits = self.score(h)                                                # [B, N, 2] [drop, keep]
         if cfg.router_film:
             # Why FiLM matters: with a causal mask the vision tokens come before the text and
             # cannot see it, so without FiLM the router could not know what the task is.
@@ -346,8 +350,11 @@ class Router(nn.Module):
             gamma, beta = self.film_scale(text), self.film_shift(text)        # [B, D] each
             vision = h[:, cfg.vision_start:cfg.text_start]                    # [B, V, D]
             vision = vision * (1 + gamma[:, None]) + beta[:, None]            # [B, V, D]
-            h = torch.cat([h[:, :cfg.vision_start], vision, h[:, cfg.text_start:]], dim=1)  # [B, N, D]
-        return self.score(h).softmax(dim=-1)[..., 1]                          # [B, N]
+            # Only the vision tokens are modulated; BOS, text and action keep their own scores.
+            # (Splicing the [B, N, 2] logits costs less than concatenating [B, N, D] states.)
+            logits = torch.cat([logits[:, :cfg.vision_start], self.score(vision),
+                                logits[:, cfg.text_start:]], dim=1)          # [B, N, 2]
+        return logits.softmax(dim=-1)[..., 1]                                 # [B, N] keep probability
 
 
 def select(keep_prob, k: int, cfg: CogVLAConfig):
@@ -365,7 +372,9 @@ def gather_tokens(x, idx):
 
 
 def gather_mask(mask, idx):
-    """Phase 3: the kept rows, then the kept columns, of mask [B or 1, 1, N, N] -> [B, 1, K, K]."""
+    """Phase 3 as the seed writes it: the kept rows, then the kept columns, of the full mask
+    [B or 1, 1, N, N] -> [B, 1, K, K]. The LFP layer builds the same mask straight from the kept
+    indices with attention_mask(cfg, idx), which is cheaper; a test proves the two equal."""
     B, K, N = idx.shape[0], idx.shape[1], mask.shape[-1]
     mask = mask.expand(B, -1, -1, -1)                                     # [B, 1, N, N]
     rows = mask.gather(2, idx[:, None, :, None].expand(-1, 1, -1, N))     # [B, 1, K, N]
@@ -395,7 +404,7 @@ class LFPDecoderLayer(DecoderLayer):
         self.n_keep = n_kept_tokens(cfg, self.ratio)
         self.router = Router(cfg)
 
-    def forward_lfp(self, x, position_ids, mask, rope, log=None):
+    def forward_lfp(self, x, position_ids, rope, log=None):
         B, N, D = x.shape
         # Phase 1: score. (The same norm runs again inside the block on the kept tokens.)
         keep_prob = self.router(self.input_layernorm(x))                  # [B, N]
@@ -406,7 +415,7 @@ class LFPDecoderLayer(DecoderLayer):
         # The router weight of every kept token, force-kept ones included, is its softmax
         # probability (the seed's code; its narrative says 1.0 for the forced ones).
         w_kept = keep_prob.gather(1, idx)                                 # [B, K]
-        mask_kept = gather_mask(mask, idx)                                # [B, 1, K, K]
+        mask_kept = attention_mask(self.cfg, idx)                         # [B, 1, K, K] = gather_mask(full, idx)
         if self.cfg.position_mode == "reindex":
             pos_kept = torch.arange(idx.shape[1], device=x.device)[None]  # [1, K]  0..K-1, as the seed
         else:
@@ -417,7 +426,10 @@ class LFPDecoderLayer(DecoderLayer):
         y = super().forward(x_kept, cos, sin, mask_kept, mlp_weight=w_kept)  # [B, K, D]
         # Phase 5: scatter back; dropped tokens leave this layer exactly as they came.
         out = scatter_tokens(x, idx, y)                                   # [B, N, D]
-        if not torch.isfinite(out).all():
+        # The inf/NaN check looks at the new values only (dropped tokens did not change), and
+        # through one sum: a single reduction, where isfinite(out).all() would first build a
+        # [B, N, D] bool tensor. Any inf or NaN makes the sum non-finite.
+        if not torch.isfinite(y.sum()):
             raise FloatingPointError(f"LFP layer {self.layer}: inf or NaN in the hidden states after scatter")
         if log is not None:
             log.append(LFPRecord(self.layer, idx.detach(), keep_prob.detach()))
@@ -455,15 +467,15 @@ class LlamaDecoder(nn.Module):
             raise ValueError(f'attn_impl="flash" can only be causal, got mask_kind={cfg.mask_kind!r}')
         if (prune or cfg.mask_kind == "catten") and N != cfg.seq_len:
             raise ValueError(f"LFP and catten need the config's layout: expected {cfg.seq_len} tokens, got {N}")
-        if position_ids is None:
-            position_ids = torch.arange(N, device=embeds.device)[None]    # [1, N]
-        mask = None if cfg.attn_impl == "flash" else attention_mask(cfg, N, embeds.device)  # [1, 1, N, N]
-        cos, sin = self.rotary_emb(position_ids, embeds.dtype)            # [1, N, Dh]
+        all_tokens = torch.arange(N, device=embeds.device)[None]          # [1, N]
+        mask = None if cfg.attn_impl == "flash" else attention_mask(cfg, all_tokens)  # [1, 1, N, N]
+        position_ids = all_tokens if position_ids is None else position_ids  # [1 or B, N]
+        cos, sin = self.rotary_emb(position_ids, embeds.dtype)            # [1 or B, N, Dh]
 
         x = embeds
         for layer in self.layers:
             if prune and isinstance(layer, LFPDecoderLayer):
-                x = layer.forward_lfp(x, position_ids, mask, self.rotary_emb, lfp_log)
+                x = layer.forward_lfp(x, position_ids, self.rotary_emb, lfp_log)
             else:
                 x = layer(x, cos, sin, mask)                              # [B, N, D]
         return self.norm(x)
@@ -723,11 +735,168 @@ def account(cfg: CogVLAConfig, batch_size: int = 1, bytes_per_value: int = 2,
 
 
 # %% ====================================================================================
-# Walkthrough: `python cogvla_mini.py`
+# Benchmark: `python cogvla_mini.py --bench` times the same weights dense and pruned
 # ======================================================================================
 
-REFERENCE_SCHEDULE = "shiftedcos_decay_0.85_0.15"
+def bench_config(schedule, width: int, full: bool) -> CogVLAConfig:
+    """The seed's layout (256 tokens, 32 layers) at `width`, Llama-2's proportions
+    (head dim 64 here, MLP 11008/4096 x width); `full` is the seed's own size."""
+    if full:
+        return CogVLAConfig.seed(schedule=schedule)
+    heads = max(1, width // 64)
+    return CogVLAConfig.tiny(schedule=schedule, d_model=width, n_heads=heads, n_kv_heads=heads,
+                             d_ff=int(width * 11008 / 4096), attn_impl="sdpa")
 
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def time_ms(fn, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def saved_activation_bytes(llm: LlamaDecoder, fn) -> int:
+    """Bytes of the tensors autograd keeps for backward (activations, not weights): the
+    training memory that pruning could shrink, measurable the same way on any device."""
+    weights = {p.untyped_storage().data_ptr() for p in llm.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def benchmark(schedules=("seed", REFERENCE_SCHEDULE), width=512, batch=4, full=False, device="cpu",
+              reps=9, warmup=1, passes=("forward", "forward+backward"), out=print) -> list[dict]:
+    """Median ms of dense and LFP runs, interleaved, next to the FLOP bound. Returns one dict per
+    (schedule, pass) and prints it as a JSON line."""
+    results = []
+    dtype = torch.bfloat16 if full else torch.float32
+    for schedule in schedules:
+        cfg = bench_config(schedule, width, full)
+        torch.manual_seed(0)
+        llm = LlamaDecoder(cfg).to(device=device, dtype=dtype)
+        embeds = torch.randn(batch, cfg.seq_len, cfg.d_model, device=device, dtype=dtype)
+        bound = account(cfg, batch).speedup_bound  # the same for backward: every matmul costs 2x more there
+
+        def run(prune, backward):
+            if not backward:
+                with torch.no_grad():
+                    llm(embeds, prune=prune)
+                return
+            llm.zero_grad(set_to_none=True)
+            llm(embeds, prune=prune).float().square().mean().backward()
+
+        for pass_name in passes:
+            backward = pass_name == "forward+backward"
+            for _ in range(warmup):
+                run(False, backward), run(True, backward)
+            times = {False: [], True: []}
+            for rep in range(reps):   # interleaved, alternating which goes first
+                for prune in ((False, True) if rep % 2 == 0 else (True, False)):
+                    times[prune].append(time_ms(lambda: run(prune, backward), device))
+            dense_ms, lfp_ms = median(times[False]), median(times[True])
+            # The speedup is the median of the per-repetition ratios: a dense run and the LFP run
+            # next to it share the machine's momentary speed, which the ratio cancels.
+            ratios = sorted(d / l for d, l in zip(times[False], times[True]))
+            speedup = median(ratios)
+            row = dict(schedule=schedule, **{"pass": pass_name}, device=str(device), width=cfg.d_model,
+                       batch=batch, dtype=str(dtype).replace("torch.", ""), dense_ms=round(dense_ms, 2),
+                       lfp_ms=round(lfp_ms, 2), speedup=round(speedup, 3), speedup_min=round(ratios[0], 3),
+                       speedup_max=round(ratios[-1], 3), bound=round(bound, 3),
+                       efficiency=round(speedup / bound, 3), reps=reps)
+            if backward:
+                for prune, key in ((False, "dense_saved_mib"), (True, "lfp_saved_mib")):
+                    row[key] = round(saved_activation_bytes(llm, lambda: run(prune, True)) / 2**20, 1)
+            if torch.device(device).type == "cuda":
+                for prune, key in ((False, "dense_peak_mib"), (True, "lfp_peak_mib")):
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    run(prune, backward)
+                    row[key] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+            results.append(row)
+            out(json.dumps(row))
+        del llm
+    return results
+
+
+def profile_lfp_layer(schedule=REFERENCE_SCHEDULE, layer=20, width=512, batch=4, device="cpu", reps=11,
+                      out=print) -> dict[str, float]:
+    """Where one LFP layer's forward time goes: each phase timed alone (median ms), next to a
+    standard layer on all N tokens and on K tokens (the ideal an LFP layer approaches)."""
+    cfg = bench_config(schedule, width, full=False)
+    torch.manual_seed(0)
+    llm = LlamaDecoder(cfg).to(device)
+    lfp = llm.layers[layer]
+    x = torch.randn(batch, cfg.seq_len, cfg.d_model, device=device)       # [B, N, D]
+    pos = torch.arange(cfg.seq_len, device=device)[None]                  # [1, N]
+    with torch.no_grad():
+        h = lfp.input_layernorm(x)
+        keep_prob = lfp.router(h)
+        idx = select(keep_prob, lfp.n_keep, cfg)
+        K = idx.shape[1]
+        x_kept, w_kept, mask_kept = gather_tokens(x, idx), keep_prob.gather(1, idx), attention_mask(cfg, idx)
+        cos_k, sin_k = llm.rotary_emb(pos[:, :K], x.dtype)
+        y = DecoderLayer.forward(lfp, x_kept, cos_k, sin_k, mask_kept, mlp_weight=w_kept)
+        cos, sin = llm.rotary_emb(pos, x.dtype)
+        full_mask = attention_mask(cfg, pos)
+        first_k = pos[:, :K]
+        phases = {
+            "standard layer on N tokens": lambda: DecoderLayer.forward(lfp, x, cos, sin, full_mask),
+            "standard layer on K tokens": lambda: DecoderLayer.forward(lfp, x[:, :K], cos_k, sin_k,
+                                                                      attention_mask(cfg, first_k)),
+            "LFP layer, whole": lambda: lfp.forward_lfp(x, pos, llm.rotary_emb),
+            "  1 norm + router (FiLM, score)": lambda: lfp.router(lfp.input_layernorm(x)),
+            "  2 select (top-k, sort)": lambda: select(keep_prob, lfp.n_keep, cfg),
+            "  3 gather hidden + weights": lambda: (gather_tokens(x, idx), keep_prob.gather(1, idx)),
+            "  3 mask built from indices": lambda: attention_mask(cfg, idx),
+            "  3 mask gathered (seed's way)": lambda: gather_mask(full_mask, idx),
+            "  3 positions + RoPE": lambda: llm.rotary_emb(torch.arange(K, device=device)[None], x.dtype),
+            "  4 block on K tokens": lambda: DecoderLayer.forward(lfp, x_kept, cos_k, sin_k, mask_kept,
+                                                                  mlp_weight=w_kept),
+            "  5 scatter": lambda: scatter_tokens(x, idx, y),
+            "  5 inf/NaN check": lambda: torch.isfinite(y.sum()),
+        }
+        timings = {}
+        for name, fn in phases.items():
+            fn()
+            timings[name] = median([time_ms(fn, device) for _ in range(reps)])
+    whole = timings["LFP layer, whole"]
+    out(f"\nwhere LFP layer {layer}'s forward time goes ({schedule}, N={cfg.seq_len}, K={K}, "
+        f"d_model {width}, batch {batch}, {device}, median of {reps}):")
+    for name, ms in timings.items():
+        out(f"  {name:<34} {ms:8.3f} ms  {ms / whole:6.1%} of the LFP layer")
+    return timings
+
+
+def print_benchmark_table(rows):
+    print(f"\n{'schedule':<28} {'pass':<17} {'dense ms':>9} {'LFP ms':>9} {'measured':>9} {'(min-max)':>13} "
+          f"{'bound':>7} {'efficiency':>10}")
+    for r in rows:
+        print(f"{r['schedule']:<28} {r['pass']:<17} {r['dense_ms']:>9.1f} {r['lfp_ms']:>9.1f} "
+              f"{r['speedup']:>8.3f}x {r['speedup_min']:>6.2f}-{r['speedup_max']:<5.2f} "
+              f"{r['bound']:>6.3f}x {r['efficiency']:>10.1%}")
+
+
+# %% ====================================================================================
+# Walkthrough: `python cogvla_mini.py`
+# ======================================================================================
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -785,5 +954,22 @@ def walkthrough():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args()
-    walkthrough()
+    parser.add_argument("--bench", action="store_true", help="time dense vs LFP instead of the walkthrough")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--width", type=int, default=512, help="d_model of the benchmarked decoder")
+    parser.add_argument("--batch", type=int, default=4, help="batch size of the benchmark")
+    parser.add_argument("--reps", type=int, default=9, help="timed repetitions, dense and LFP interleaved")
+    parser.add_argument("--full", action="store_true", help="the seed's size (d_model 4096), bf16; for a GPU")
+    args = parser.parse_args()
+    if not args.bench:
+        walkthrough()
+    else:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+        print(f"benchmark: LlamaDecoder alone (the LFP part), seed layout, 32 layers, "
+              f"{'d_model 4096 bf16' if args.full else f'd_model {args.width} float32'}, batch {args.batch}, "
+              f"device {args.device}, median of {args.reps}, dense and LFP interleaved")
+        if not args.full:
+            profile_lfp_layer(width=args.width, batch=args.batch, device=args.device)
+        print_benchmark_table(benchmark(width=args.width, batch=args.batch, full=args.full,
+                                        device=args.device, reps=args.reps))

@@ -175,19 +175,23 @@ def test_with_lfp_action_tokens_never_reach_vision_or_text(mask_kind):
 @pytest.mark.parametrize("mask_kind", ["causal", "catten"])
 def test_gathered_mask_is_the_kept_rows_and_columns_of_the_full_mask(mask_kind):
     cfg = CogVLAConfig.tiny(mask_kind=mask_kind)
-    full = cm.attention_mask(cfg, cfg.seq_len)[0, 0]
+    full = cm.attention_mask(cfg, torch.arange(cfg.seq_len)[None])
+    assert full.shape == (1, 1, 256, 256)
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(256, generator=g)[:150].sort().values for _ in range(2)])
-    got = cm.gather_mask(cm.attention_mask(cfg, cfg.seq_len), idx)
-    assert got.shape == (2, 1, 150, 150)
+    gathered = cm.gather_mask(full, idx)          # the seed's Phase 3: rows, then columns
+    built = cm.attention_mask(cfg, idx)           # what the LFP layer does: build it from the indices
+    assert gathered.shape == built.shape == (2, 1, 150, 150)
     for b in range(2):
-        expect = torch.tensor([[bool(full[i, j]) for j in idx[b].tolist()] for i in idx[b].tolist()])
-        assert torch.equal(got[b, 0], expect)
+        kept = idx[b].tolist()
+        expect = torch.tensor([[bool(full[0, 0, i, j]) for j in kept] for i in kept])
+        assert torch.equal(gathered[b, 0], expect)
+        assert torch.equal(built[b, 0], expect)
 
 
 def test_catten_action_tokens_see_each_other_and_earlier_tokens_never_see_them():
     cfg = CogVLAConfig.tiny(mask_kind="catten")
-    mask = cm.attention_mask(cfg, cfg.seq_len)[0, 0]
+    mask = cm.attention_mask(cfg, torch.arange(cfg.seq_len)[None])[0, 0]
     a = cfg.action_start
     assert mask[a:, a:].all()                     # both ways inside the action segment
     assert not mask[:a, a:].any()                 # nothing earlier sees it
@@ -223,7 +227,7 @@ def lfp_layer_inputs(model, batch=2, seed=4):
     torch.manual_seed(seed)
     x = torch.randn(batch, cfg.seq_len, cfg.d_model)
     pos = torch.arange(cfg.seq_len)[None]
-    return x, pos, cm.attention_mask(cfg, cfg.seq_len)
+    return x, pos, cm.attention_mask(cfg, torch.arange(cfg.seq_len)[None])
 
 
 def test_scatter_leaves_dropped_tokens_bit_exact(tiny):
@@ -231,7 +235,7 @@ def test_scatter_leaves_dropped_tokens_bit_exact(tiny):
     x, pos, mask = lfp_layer_inputs(tiny)
     log = []
     with torch.no_grad():
-        out = layer.forward_lfp(x, pos, mask, tiny.llm.rotary_emb, log)
+        out = layer.forward_lfp(x, pos, tiny.llm.rotary_emb, log)
     kept = torch.zeros(x.shape[:2], dtype=torch.bool).scatter(1, log[0].kept_indices, True)
     assert (~kept).sum() == 2 * (192 - 76)
     assert torch.equal(out[~kept], x[~kept])
@@ -245,7 +249,7 @@ def test_lfp_layer_with_ratio_1_and_unit_router_weights_is_a_standard_layer(monk
     monkeypatch.setattr(layer.router, "forward", lambda h: torch.ones(h.shape[:2]))
     cos, sin = model.llm.rotary_emb(pos, x.dtype)
     with torch.no_grad():
-        torch.testing.assert_close(layer.forward_lfp(x, pos, mask, model.llm.rotary_emb),
+        torch.testing.assert_close(layer.forward_lfp(x, pos, model.llm.rotary_emb),
                                    layer(x, cos, sin, mask), rtol=0, atol=1e-6)
 
 
@@ -256,7 +260,7 @@ def test_reindexed_and_original_positions_agree_before_the_first_drop_and_differ
         x, pos, mask = lfp_layer_inputs(model, batch=1)
         logs[mode] = []
         with torch.no_grad():
-            outs[mode] = model.llm.layers[0].forward_lfp(x, pos, mask, model.llm.rotary_emb, logs[mode])
+            outs[mode] = model.llm.layers[0].forward_lfp(x, pos, model.llm.rotary_emb, logs[mode])
     kept = logs["reindex"][0].kept_indices[0]
     assert torch.equal(kept, logs["original"][0].kept_indices[0])
     first_drop = int((kept != torch.arange(len(kept))).nonzero()[0])   # kept[i] == i before it
@@ -308,6 +312,37 @@ def test_films_are_identity_at_init(tiny):
     y = x + block.proj(cm.rearrange(torch.nn.functional.scaled_dot_product_attention(q, k, v),
                                     "b h n d -> b n (h d)"))
     torch.testing.assert_close(block(x, cond), y + block.mlp(block.norm2(y)))
+
+
+def test_router_splices_filmed_vision_scores_like_the_clear_concatenation(tiny):
+    model = make_model()
+    randomize_films(model, vision=False)
+    cfg, router = model.cfg, model.llm.layers[10].router
+    h = torch.randn(2, 256, cfg.d_model)
+    text = h[:, cfg.text_start:cfg.action_start].mean(1)
+    vision = h[:, 1:cfg.text_start] * (1 + router.film_scale(text)[:, None]) + router.film_shift(text)[:, None]
+    clear = torch.cat([h[:, :1], vision, h[:, cfg.text_start:]], dim=1)      # the seed's Phase 1.2
+    torch.testing.assert_close(router(h), router.score(clear).softmax(-1)[..., 1])
+    assert not torch.allclose(router(h), router.score(h).softmax(-1)[..., 1])  # FiLM did something
+
+
+def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
+    import json
+    lines = []
+    rows = cm.benchmark(width=64, batch=1, reps=1, warmup=0, out=lines.append)
+    parsed = [json.loads(line) for line in lines]
+    assert parsed == rows
+    assert [(r["schedule"], r["pass"]) for r in rows] == [
+        (s, p) for s in ("seed", cm.REFERENCE_SCHEDULE) for p in ("forward", "forward+backward")]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["lfp_ms"], rel=0.01)
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"], rel=0.01)
+        cfg = cm.bench_config(r["schedule"], 64, full=False)
+        assert r["bound"] == pytest.approx(cm.account(cfg, 1).speedup_bound, abs=1e-3)
+    backward = [r for r in rows if r["pass"] == "forward+backward"]
+    assert all(r["dense_saved_mib"] > 0 and r["lfp_saved_mib"] > 0 for r in backward)
+    timings = cm.profile_lfp_layer(width=64, batch=1, reps=1, out=lines.append)
+    assert timings["LFP layer, whole"] > 0 and "  2 select (top-k, sort)" in timings
 
 
 def kept_for_two_instructions(model):
@@ -364,7 +399,7 @@ def test_bool_and_additive_masks_agree(attn_impl):
     attn = cm.Attention(cfg)
     x = torch.randn(2, 256, cfg.d_model)
     cos, sin = cm.RotaryEmbedding(cfg.head_dim, cfg.rope_theta)(torch.arange(256)[None], x.dtype)
-    allowed = cm.attention_mask(cfg, 256)
+    allowed = cm.attention_mask(cfg, torch.arange(256)[None])
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     with torch.no_grad():
         torch.testing.assert_close(attn(x, cos, sin, additive), attn(x, cos, sin, allowed))
