@@ -537,6 +537,16 @@ class ViT(nn.Module):
         return x                               # [B', P, Dv] patch mode: every patch is a token
 
 
+def sincos_2d(side: int, width: int):
+    """[side * side, width]: sines and cosines of row and column at geometric frequencies."""
+    n_freq = width // 4
+    freqs = 1.0 / 100 ** (torch.arange(n_freq) / max(1, n_freq - 1))         # [width/4]
+    row, col = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    angles = [rearrange(c, "h w -> (h w) 1").float() * freqs for c in (row, col)]  # 2 x [P, width/4]
+    code = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # [P, 4 (width/4)]
+    return F.pad(code, (0, width - code.shape[1]))                                # [P, width]
+
+
 def projector(width: int, d_model: int):
     return nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model))
 
@@ -593,14 +603,21 @@ class CogVLA(nn.Module):
     def reset_parameters(self):
         """All initialisation in one place."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)   # Llama's initializer_range
-                if getattr(module, "bias", None) is not None:
+            if isinstance(module, nn.Linear):
+                # std 1/sqrt(fan_in) keeps activations at unit scale through every layer: at
+                # d_model 4096 it is 0.016, close to Llama's 0.02; at tiny widths 0.02 would
+                # shrink each layer's output ~8x and stall training.
+                nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+                if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
         for p in (self.state_embed, self.action_queries):
             nn.init.normal_(p, std=0.02)                    # distinct inputs for distinct queries
         for vit in (self.vision.dino, self.vision.siglip):
-            nn.init.normal_(vit.pos_embed, std=0.02)
+            # Pretrained encoders know where each patch is; ours start from a 2-D sin-cos code of
+            # (row, column) so that position is readable from step 0 (it still trains).
+            vit.pos_embed.data.copy_(sincos_2d(self.cfg.image_size // self.cfg.patch_size, vit.pos_embed.shape[1]))
             if vit.agg_tokens is not None:
                 nn.init.normal_(vit.agg_tokens, std=0.02)
             for block in vit.blocks:                        # FiLM starts as identity: gamma = beta = 0

@@ -568,3 +568,138 @@ def test_a_tiny_model_overfits_one_batch():
         if loss.item() < first / 10:
             break
     assert loss.item() < first / 10, f"loss {first:.3f} -> {loss.item():.3f} in {step + 1} steps"
+
+
+# ----------------------------------------------------------------------------- the toy trainer
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train_toy  # noqa: E402
+
+TOY_ARGS = ["--batch-size", "4", "--eval-size", "8", "--log-every", "1", "--lr", "3e-3"]
+
+
+def test_toy_targets_end_at_the_named_block_drawn_in_its_colour():
+    batch = train_toy.make_batch(16, seed=3)
+    final = batch["state"] + batch["actions"][..., :3].sum(dim=1)
+    torch.testing.assert_close(final, batch["goal"])
+    colours = list(train_toy.COLORS)
+    pixel = (torch.arange(56) + 0.5) / 56 * 2 - 1
+    for b in range(16):
+        words = [train_toy.VOCAB[i] for i in batch["text_ids"][b].tolist() if i]
+        assert words[0] in ("pick", "push") and words[1:] == ["the", words[2], "block"]
+        assert batch["actions"][b, :, 3].eq(1.0 if words[0] == "pick" else -1.0).all()
+        rgb = torch.tensor(train_toy.COLORS[words[2]])
+        for cam, (u, v) in enumerate(train_toy.VIEWS):   # every pixel of that colour is the named block
+            img = batch["images"][b, cam]
+            rows, cols = (img - rgb[:, None, None]).abs().sum(0).lt(1e-6).nonzero(as_tuple=True)
+            if len(rows):
+                assert (pixel[cols] - batch["goal"][b, u]).abs().max() <= train_toy.BLOCK_HALF + 1e-6
+                assert (pixel[rows] - batch["goal"][b, v]).abs().max() <= train_toy.BLOCK_HALF + 1e-6
+        assert words[2] in colours
+
+
+def test_toy_other_instruction_on_the_same_scene_changes_the_target():
+    a = train_toy.make_batch(8, seed=5, named=torch.zeros(8, dtype=torch.long))
+    b = train_toy.make_batch(8, seed=5, named=torch.ones(8, dtype=torch.long))
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["state"], b["state"])
+    assert not torch.equal(a["text_ids"], b["text_ids"])
+    assert ((a["goal"] - b["goal"]).norm(dim=-1) >= train_toy.MIN_SEPARATION - 1e-6).all()
+    assert not torch.isclose(a["actions"][..., :3], b["actions"][..., :3]).all(dim=(1, 2)).any()
+    pick = train_toy.make_batch(8, seed=5, verb=torch.zeros(8, dtype=torch.long))
+    assert pick["actions"][..., 3].eq(1.0).all()
+
+
+def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
+    lines = []
+    train_toy.main(["--steps", "40", "--no-maps"] + TOY_ARGS, log=lines.append)
+    losses = [float(l.split("loss ")[1].split()[0]) for l in lines if " loss " in l]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    result = json.loads(lines[-1])
+    assert result["mode"] == "lfp" and result["steps"] == 40
+    assert 0 <= result["success"] <= 1 and result["l1"] > 0
+    assert set(result["kept_share"]) == set(result["chance"]) == {"1", "2", "3", "4", "5", "6"}
+    assert result["chance"]["6"] == pytest.approx(int(192 * 0.2) / 192, abs=1e-4)
+
+
+def test_toy_keep_maps_mark_the_named_blocks_patches():
+    model = CogVLA(train_toy.toy_config())
+    data = train_toy.make_batch(2, seed=9)
+    text = train_toy.keep_maps(model, data, "cpu", sample=0)
+    rows = [line for line in text.splitlines() if line.startswith(("layer", " " * 8)) and ("#" in line or "." in line)]
+    assert len(rows) == 6 * 8                                  # 6 LFP layers x 8 patch rows
+    brackets = sum(line.count("[") for line in rows)
+    assert brackets == 6 * int(data["named_patches"][0].sum())  # the named block's patches, at every layer
+
+
+def checkpoint_weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_toy_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, monkeypatch):
+    args = ["--steps", "6", "--save-every", "2", "--no-maps"] + TOY_ARGS
+    train_toy.main(args + ["--out", str(tmp_path / "a")], log=lambda *_: None)
+
+    real = train_toy.make_batch
+    calls = {"n": 0}
+
+    def interrupted(batch_size, seed, **kw):   # Ctrl-C while the 4th training batch is made
+        if batch_size == 4:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+        return real(batch_size, seed, **kw)
+
+    monkeypatch.setattr(train_toy, "make_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_toy.main(args + ["--out", str(tmp_path / "b")], log=lambda *_: None)
+    assert checkpoint_weights(tmp_path / "b" / "lfp.pt")["step"] == 3
+    monkeypatch.setattr(train_toy, "make_batch", real)
+    train_toy.main(args + ["--out", str(tmp_path / "b"), "--resume"], log=lambda *_: None)
+
+    a, b = checkpoint_weights(tmp_path / "a" / "lfp.pt"), checkpoint_weights(tmp_path / "b" / "lfp.pt")
+    assert a["step"] == b["step"] == 6
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not os.path.exists(tmp_path / "b" / "lfp.pt.tmp")
+
+
+@pytest.mark.parametrize("dense, cause", [(True, "non-finite loss nan"), (False, "LFP layer 1: inf or NaN")])
+def test_toy_non_finite_values_stop_naming_the_step_and_keep_the_last_checkpoint(tmp_path, monkeypatch, dense, cause):
+    real = train_toy.make_batch
+
+    def poisoned(batch_size, seed, **kw):
+        batch = real(batch_size, seed, **kw)
+        if batch_size == 4 and seed == 4:       # the 5th training batch (seed 0: step k has seed k)
+            batch["state"][0, 0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(train_toy, "make_batch", poisoned)
+    with pytest.raises(FloatingPointError, match=f"stopping at step 4: {cause}.*last good checkpoint"):
+        train_toy.main(["--steps", "8", "--save-every", "2", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS
+                       + (["--dense"] if dense else []), log=lambda *_: None)
+    assert checkpoint_weights(tmp_path / ("dense.pt" if dense else "lfp.pt"))["step"] == 4
+
+
+def test_toy_resume_refuses_other_flags(tmp_path):
+    train_toy.main(["--steps", "1", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS, log=lambda *_: None)
+    with pytest.raises(SystemExit, match="--seed=0, this run has 1"):
+        train_toy.main(["--steps", "1", "--seed", "1", "--out", str(tmp_path), "--resume"] + TOY_ARGS,
+                       log=lambda *_: None)
+
+
+def test_toy_trains_with_two_processes_under_torchrun():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train_toy.py", "--steps", "3", "--no-maps"] + TOY_ARGS,
+        capture_output=True, text=True, timeout=120, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    json_lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert len(json_lines) == 1                                 # rank 0 alone prints
+    assert json.loads(json_lines[0])["steps"] == 3
+    assert "2 process(es)" in proc.stdout

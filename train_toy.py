@@ -1,0 +1,367 @@
+"""Train a small CogVLA on a synthetic reaching task, dense vs LFP, and show what LFP keeps.
+
+The task cannot be solved without reading the instruction and looking at the right place:
+three coloured blocks (of four colours) sit at random 3-D positions over a table, seen by a
+top, a front and a side camera (each view shows only two of the three coordinates, so the
+3-D position needs two views). The instruction names one block by colour and a verb ("pick"
+or "push"); the state is the gripper's 3-D position. The target is a chunk of 10 actions
+(dx, dy, dz, gripper) that moves the gripper in equal steps onto the named block, with the
+gripper closed (+1) to pick and open (-1) to push.
+
+    python train_toy.py                 # LFP, patch tokens, about 3 minutes on 2 CPU cores
+    python train_toy.py --compare       # dense and LFP from the same seed, side by side
+    python train_toy.py --no-film       # LFP without the router's FiLM (the ablation)
+    python train_toy.py --tokens agg    # CogVLA's aggregation tokens instead of patches
+    torchrun --standalone --nproc_per_node=2 train_toy.py   # DistributedDataParallel
+
+Everything is generated here; nothing is downloaded. The last line printed is one JSON
+object with the final metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from cogvla_mini import CogVLA, CogVLAConfig, SEED_SCHEDULE
+
+# %% ====================================================================================
+# The synthetic task
+# ======================================================================================
+
+VOCAB = ["<pad>", "<bos>", "pick", "push", "the", "red", "green", "blue", "yellow", "block"]
+WORD_ID = {w: i for i, w in enumerate(VOCAB)}
+COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 0.9), "yellow": (0.9, 0.85, 0.1)}
+VERBS = {"pick": 1.0, "push": -1.0}        # the gripper value of the whole chunk
+N_BLOCKS = 3                               # blocks per scene, each a different colour
+IMAGE_SIZE, PATCH = 56, 7                  # 8 x 8 patches per camera: 3 x 64 = 192 vision tokens
+BLOCK_HALF = 0.09                          # half the block's side, in table units ([-1, 1])
+MIN_SEPARATION = 0.5                       # between block centres, so reaching the wrong one fails
+SUCCESS_TOLERANCE = 0.15                   # final gripper position within this distance of the block
+# Camera k shows the coordinates VIEWS[k] (image column, image row) and looks along DEPTH[k].
+VIEWS = [(0, 1), (0, 2), (1, 2)]           # top: x-y, front: x-z, side: y-z
+DEPTH = [2, 1, 0]                          # top looks down z, front along y, side along x
+
+
+def toy_config(tokens: str = "patch", film: bool = True, dense_layers: int = 8) -> CogVLAConfig:
+    """The tiny preset at 8 layers with the seed's six keep ratios on layers 1..6 (the last
+    layer stays standard, as the seed's layer 31 does)."""
+    schedule = dict(zip(range(1, 7), SEED_SCHEDULE.values()))
+    return CogVLAConfig.tiny(n_layers=dense_layers, schedule=schedule, vocab_size=len(VOCAB), bos_id=WORD_ID["<bos>"],
+                             image_size=IMAGE_SIZE, patch_size=PATCH, n_agg_tokens=0 if tokens == "patch" else 64,
+                             router_film=film, attn_impl="sdpa")
+
+
+def make_batch(batch_size: int, seed: int, named=None, verb=None):
+    """A batch of scenes from its own seed (so any batch can be made again, on any rank, after
+    any resume). `named` [B] (which of the 3 blocks) and `verb` [B] (0 pick, 1 push) override
+    the instruction of the same scenes. Returns model inputs, targets, and what evaluation needs."""
+    g = torch.Generator().manual_seed(seed)
+    B = batch_size
+    # Block positions: resample any scene whose blocks come closer than MIN_SEPARATION.
+    pos = torch.rand(B, N_BLOCKS, 3, generator=g) * 1.6 - 0.8                  # [B, 3 blocks, xyz]
+    for _ in range(100):
+        dist_ = (pos[:, :, None] - pos[:, None]).norm(dim=-1) + torch.eye(N_BLOCKS) * 9  # [B, 3, 3]
+        bad = dist_.min(dim=-1).values.min(dim=-1).values < MIN_SEPARATION     # [B]
+        if not bad.any():
+            break
+        pos[bad] = torch.rand(int(bad.sum()), N_BLOCKS, 3, generator=g) * 1.6 - 0.8
+    colors = torch.stack([torch.randperm(len(COLORS), generator=g)[:N_BLOCKS] for _ in range(B)])  # [B, 3]
+    target = torch.randint(0, N_BLOCKS, (B,), generator=g)                     # which block is named
+    verb_ = torch.randint(0, len(VERBS), (B,), generator=g)
+    state = torch.rand(B, 3, generator=g) * 1.6 - 0.8                           # gripper position
+    target = target if named is None else torch.as_tensor(named)
+    verb = verb_ if verb is None else torch.as_tensor(verb)
+
+    images, block_id = render(pos, colors)                                     # [B, 3, 3, H, W], [B, 3, H, W]
+    color_names, verb_names = list(COLORS), list(VERBS)
+    text_ids = torch.zeros(B, 20, dtype=torch.long)
+    for b in range(B):
+        words = [verb_names[verb[b]], "the", color_names[colors[b, target[b]]], "block"]
+        # Tiled to the 20 text tokens rather than padded: both FiLMs read the text's average,
+        # which 16 pads would dilute five-fold.
+        text_ids[b] = torch.tensor([WORD_ID[w] for w in words] * 5)
+    goal = pos[torch.arange(B), target]                                        # [B, 3]
+    actions = torch.cat([((goal - state) / 10)[:, None].expand(B, 10, 3),      # equal steps onto the block
+                         torch.tensor([VERBS[v] for v in verb_names])[verb][:, None, None].expand(B, 10, 1)],
+                        dim=-1)                                                # [B, 10, 4]
+    # The named block's patches: any patch showing one of its visible pixels, per camera.
+    named = (block_id == target[:, None, None, None]).float()                 # [B, 3, H, W]
+    named_patches = F.max_pool2d(named, PATCH).flatten(1).bool()              # [B, 3 x 64] in token order
+    return dict(images=images, text_ids=text_ids, state=state, actions=actions, goal=goal,
+                named_patches=named_patches)
+
+
+def render(pos, colors):
+    """Draw each block as a square in each of the 3 views, nearest block in front (a z-buffer).
+    pos [B, 3, xyz], colors [B, 3] -> images [B, 3 cams, 3, H, W], block_id [B, 3 cams, H, W] (-1: table)."""
+    B, H = pos.shape[0], IMAGE_SIZE
+    centers = (torch.arange(H) + 0.5) / H * 2 - 1                              # pixel centres in [-1, 1]
+    palette = torch.tensor(list(COLORS.values()))                              # [4, 3]
+    images = torch.full((B, 3, 3, H, H), 0.5)                                  # grey table
+    block_id = torch.full((B, 3, H, H), -1)
+    for cam, ((u, v), d) in enumerate(zip(VIEWS, DEPTH)):
+        depth = torch.full((B, H, H), float("inf"))
+        for k in range(N_BLOCKS):
+            cols = (centers[None] - pos[:, k, u, None]).abs() <= BLOCK_HALF     # [B, W]
+            rows = (centers[None] - pos[:, k, v, None]).abs() <= BLOCK_HALF     # [B, H]
+            # a camera looks from the + side of its depth axis: larger coordinate = nearer
+            near = -pos[:, k, d]                                                # [B]
+            inside = rows[:, :, None] & cols[:, None, :] & (near[:, None, None] < depth)  # [B, H, W]
+            depth = torch.where(inside, near[:, None, None], depth)
+            block_id[:, cam] = torch.where(inside, k, block_id[:, cam])
+            rgb = palette[colors[:, k]]                                         # [B, 3]
+            images[:, cam] = torch.where(inside[:, None], rgb[:, :, None, None], images[:, cam])
+    return images, block_id
+
+
+# %% ====================================================================================
+# Evaluation
+# ======================================================================================
+
+@torch.no_grad()
+def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 64) -> dict:
+    model.eval()
+    n = data["state"].shape[0]
+    l1, success, kept_named, total_named = 0.0, 0, {}, {}
+    for start in range(0, n, batch_size):
+        part = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
+        with autocast(device):
+            out = model(part["images"], part["text_ids"], part["state"], part["actions"], prune=prune)
+        pred = out.actions.float()
+        l1 += F.l1_loss(pred, part["actions"], reduction="sum").item() / pred[0].numel()
+        final = part["state"] + pred[..., :3].sum(dim=1)                      # [b, 3]
+        success += int(((final - part["goal"]).norm(dim=-1) < SUCCESS_TOLERANCE).sum())
+        for record in out.lfp:
+            kept = torch.zeros_like(record.keep_probs, dtype=torch.bool).scatter(1, record.kept_indices, True)
+            vision_kept = kept[:, model.cfg.vision_start:model.cfg.text_start]  # [b, V]
+            named = part["named_patches"]
+            kept_named[record.layer] = kept_named.get(record.layer, 0) + int((vision_kept & named).sum())
+            total_named[record.layer] = total_named.get(record.layer, 0) + int(named.sum())
+    model.train()
+    patch_mode = model.cfg.n_agg_tokens == 0
+    return dict(l1=round(l1 / n, 4), success=round(success / n, 4),
+                # Aggregation tokens are not places in the image: "the named block's tokens" has no meaning there.
+                kept_share={l: round(kept_named[l] / total_named[l], 4) for l in kept_named} if patch_mode else None,
+                chance={l: round(int(model.cfg.n_vision * r) / model.cfg.n_vision, 4)
+                        for l, r in model.cfg.lfp_ratios.items()} if prune else {})
+
+
+@torch.no_grad()
+def keep_maps(model: CogVLA, data: dict, device, sample: int = 0) -> str:
+    """ASCII maps of one evaluation scene: per LFP layer, per camera, which patches were kept."""
+    part = {k: v[sample:sample + 1].to(device) for k, v in data.items()}
+    model.eval()
+    with autocast(device):
+        out = model(part["images"], part["text_ids"], part["state"], prune=True)
+    model.train()
+    words = " ".join(VOCAB[i] for i in part["text_ids"][0].tolist() if i)
+    side = IMAGE_SIZE // PATCH
+    named = part["named_patches"][0].view(3, side, side)
+    lines = [f'keep maps for "{words}":  # kept  . dropped  [ ] the named block\'s patches',
+             "        " + "".join(f"{name:<{3 * side + 2}}" for name in ("top (x-y)", "front (x-z)", "side (y-z)"))]
+    for record in out.lfp:
+        kept = torch.zeros(model.cfg.seq_len, dtype=torch.bool)
+        kept[record.kept_indices[0].cpu()] = True
+        kept = kept[model.cfg.vision_start:model.cfg.text_start].view(3, side, side)
+        for row in range(side):
+            label = f"layer {record.layer}" if row == 0 else ""
+            cells = []
+            for cam in range(3):
+                cells.append("".join(("[{}]" if named[cam, row, col] else " {} ").format(
+                    "#" if kept[cam, row, col] else ".") for col in range(side)))
+            lines.append(f"{label:<8}" + "  ".join(cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+# %% ====================================================================================
+# Checkpoints: atomic, with everything a bit-exact resume needs
+# ======================================================================================
+
+def save_checkpoint(path: str, model, optimizer, step: int, args, cfg: CogVLAConfig):
+    tmp = path + ".tmp"
+    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                    torch_rng=torch.get_rng_state(), args=vars(args), config=asdict(cfg)), tmp)
+    os.replace(tmp, path)   # atomic: a crash mid-save leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: str, model, optimizer, args) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("seed", "steps", "batch_size", "lr", "dense", "tokens", "no_film"):
+        if ckpt["args"][key] != getattr(args, key):
+            raise SystemExit(f"--resume: the checkpoint was made with --{key.replace('_', '-')}="
+                             f"{ckpt['args'][key]!r}, this run has {getattr(args, key)!r}; resume with the same flags")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["step"]
+
+
+# %% ====================================================================================
+# Training
+# ======================================================================================
+
+def learning_rate(step: int, args) -> float:
+    warmup = max(1, args.steps // 20)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))   # cosine to 10%
+
+
+def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=print) -> dict:
+    """Train one model; returns the final metrics (on rank 0)."""
+    device = torch.device(args.device if world == 1 or args.device == "cpu" else f"cuda:{rank}")
+    torch.manual_seed(args.seed)                               # identical initial weights on every rank
+    cfg = toy_config(args.tokens, film)
+    model = CogVLA(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    mode = "dense" if dense else "lfp"
+    ckpt_path = os.path.join(args.out, f"{mode}.pt") if args.out else None
+    step = 0
+    if args.resume:
+        if not (ckpt_path and os.path.exists(ckpt_path)):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (give the --out DIR of the first run)")
+        step = load_checkpoint(ckpt_path, model, optimizer, args)
+        log(f"[{mode}] resumed from {ckpt_path} at step {step}")
+    # In dense mode the routers take no part in the forward pass: DDP must be told.
+    net = DistributedDataParallel(model, find_unused_parameters=dense) if world > 1 else model
+
+    eval_data = make_batch(args.eval_size, seed=10_000_019 + args.seed)      # held out: its own seed
+    start_time, start_step, last = time.time(), step, time.time()
+    log(f"[{mode}] {sum(p.numel() for p in model.parameters()):,} parameters, {args.tokens} tokens, "
+        f"router FiLM {'on' if film else 'off'}, {world} process(es) x batch {args.batch_size}, {args.steps} steps")
+    try:
+        while step < args.steps:
+            # Each (step, rank) has its own batch: rank r of w sees its own shard of the stream.
+            batch = make_batch(args.batch_size, seed=args.seed * 1_000_003 + step * world + rank)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+            try:
+                with autocast(device):
+                    loss = net(batch["images"], batch["text_ids"], batch["state"], batch["actions"],
+                               prune=not dense).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()}")
+            except FloatingPointError as err:   # also raised by an LFP layer that produced inf/NaN
+                kept = (f"; the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path)
+                        else "; no checkpoint was saved")
+                raise FloatingPointError(f"[{mode}] stopping at step {step}: {err}{kept}") from err
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+                now = time.time()
+                rate = (step - start_step) / (now - start_time)
+                log(f"[{mode}] step {step:>5}/{args.steps}  loss {loss.item():.4f}  {rate:.2f} steps/s  "
+                    f"ETA {(args.steps - step) / rate:.0f} s")
+                last = now
+            if rank == 0 and ckpt_path and (step % args.save_every == 0 or step == args.steps):
+                save_checkpoint(ckpt_path, model, optimizer, step, args, cfg)
+    except KeyboardInterrupt:
+        if rank == 0 and ckpt_path:
+            save_checkpoint(ckpt_path, model, optimizer, step, args, cfg)
+            log(f"[{mode}] interrupted at step {step}; saved {ckpt_path}; continue with the same flags + --resume")
+        raise
+    seconds = time.time() - start_time
+    if rank != 0:
+        return {}
+    metrics = evaluate(model, eval_data, prune=not dense, device=device)
+    if args.tokens == "patch" and not dense and args.maps:
+        log(keep_maps(model, eval_data, device))
+    return dict(mode=mode, tokens=args.tokens, film=film, steps=step, seconds=round(seconds, 1), **metrics)
+
+
+def print_table(runs: list[dict], log=print):
+    log(f"\n{'':<24}" + "".join(f"{r['mode'] + ('' if r['film'] else ' no-film'):>14}" for r in runs))
+    log(f"{'action L1':<24}" + "".join(f"{r['l1']:>14.4f}" for r in runs))
+    log(f"{'success':<24}" + "".join(f"{r['success']:>14.1%}" for r in runs))
+    log(f"{'train seconds':<24}" + "".join(f"{r['seconds']:>14.1f}" for r in runs))
+    layers = sorted({l for r in runs for l in (r["chance"] or {})})
+    for layer in layers:
+        cells = []
+        for r in runs:
+            share = (r["kept_share"] or {}).get(layer)
+            cells.append(f"{share:.0%} vs {r['chance'][layer]:.0%}" if share is not None else "-")
+        log(f"{'layer ' + str(layer) + ' named kept/chance':<24}" + "".join(f"{c:>14}" for c in cells))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default: about 3 min on 2 CPU cores)")
+    p.add_argument("--batch-size", type=int, default=16, help="scenes per step, per process")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine to 10%%)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the data stream")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda trains under bf16 autocast)")
+    p.add_argument("--tokens", choices=["patch", "agg"], default="patch",
+                   help="vision tokens: image patches (keep maps mean something) or CogVLA's aggregation tokens")
+    p.add_argument("--dense", action="store_true", help="train with pruning off")
+    p.add_argument("--compare", action="store_true", help="train dense and LFP from the same seed, side by side")
+    p.add_argument("--no-film", action="store_true", help="turn the LFP router's FiLM off (the ablation)")
+    p.add_argument("--eval-size", type=int, default=512, help="held-out scenes (fixed seed)")
+    p.add_argument("--out", default=None, help="directory for checkpoints (saved atomically)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=25, help="steps between progress lines")
+    p.add_argument("--no-maps", dest="maps", action="store_false", help="do not print the ASCII keep maps")
+    args = p.parse_args(argv)
+    if args.compare and (args.dense or args.resume):
+        p.error("--compare trains both modes itself: leave out --dense and --resume")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available")
+    for name in ("steps", "batch_size", "eval_size", "save_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None, log=print) -> dict:
+    args = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:   # started by torchrun
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+    if rank != 0:
+        log = lambda *a, **k: None                     # noqa: E731  rank 0 alone prints
+    if args.out and rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    try:
+        modes = [True, False] if args.compare else [args.dense]
+        runs = [train(args, dense=d, film=not args.no_film, rank=rank, world=world, log=log) for d in modes]
+    finally:
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+    if rank != 0:
+        return {}
+    print_table(runs, log)
+    result = runs[0] if len(runs) == 1 else dict(mode="compare", runs=runs)
+    log(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FloatingPointError as err:
+        sys.exit(str(err))
