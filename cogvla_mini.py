@@ -11,7 +11,7 @@ The sequence the LLM sees (the seed's layout, every count a config field):
       0      1..192     193..212          213..255
 
 Read it top to bottom: config, Llama pieces, LFP, decoder, vision tower, CogVLA,
-accounting, walkthrough. `python cogvla_mini.py` runs the walkthrough;
+accounting, benchmark, walkthrough. `python cogvla_mini.py` runs the walkthrough;
 `python cogvla_mini.py --bench` times dense vs LFP.
 
 Shape legend (used in the comments at the end of lines):

@@ -1,12 +1,17 @@
-"""Executable claims about cogvla_mini.py. Seconds on a CPU; the device-parametrised ones
-run on CUDA too when there is one."""
+"""Executable claims about cogvla_mini.py and train_toy.py. Seconds on a CPU; the
+device-parametrised ones run on CUDA too when there is one."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import cogvla_mini as cm
+import train_toy
 from cogvla_mini import CogVLA, CogVLAConfig
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -327,7 +332,6 @@ def test_router_splices_filmed_vision_scores_like_the_clear_concatenation(tiny):
 
 
 def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
-    import json
     lines = []
     rows = cm.benchmark(width=64, batch=1, reps=1, warmup=0, out=lines.append)
     parsed = [json.loads(line) for line in lines]
@@ -571,13 +575,6 @@ def test_a_tiny_model_overfits_one_batch():
 
 
 # ----------------------------------------------------------------------------- the toy trainer
-
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import train_toy  # noqa: E402
 
 TOY_ARGS = ["--batch-size", "4", "--eval-size", "4", "--log-every", "1", "--lr", "3e-3"]
 

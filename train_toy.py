@@ -1,7 +1,7 @@
 """Train a small CogVLA on a synthetic reaching task, dense vs LFP, and show what LFP keeps.
 
 The task cannot be solved without reading the instruction and looking at the right place:
-three coloured blocks (of four colours) sit at random 3-D positions over a table, seen by a
+three coloured blocks (of four colours) sit at random 3-D positions over a black table, seen by a
 top, a front and a side camera (each view shows only two of the three coordinates, so the
 3-D position needs two views). The instruction names one block by colour and a verb ("pick"
 or "push"); the state is the gripper's 3-D position. The target is a chunk of 10 actions
@@ -54,11 +54,11 @@ VIEWS = [(0, 1), (0, 2), (1, 2)]           # top: x-y, front: x-z, side: y-z
 DEPTH = [2, 1, 0]                          # top looks down z, front along y, side along x
 
 
-def toy_config(tokens: str = "patch", film: bool = True, dense_layers: int = 8) -> CogVLAConfig:
+def toy_config(tokens: str = "patch", film: bool = True, n_layers: int = 8) -> CogVLAConfig:
     """The tiny preset at 8 layers with the seed's six keep ratios on layers 1..6 (the last
     layer stays standard, as the seed's layer 31 does)."""
     schedule = dict(zip(range(1, 7), SEED_SCHEDULE.values()))
-    return CogVLAConfig.tiny(n_layers=dense_layers, schedule=schedule, vocab_size=len(VOCAB), bos_id=WORD_ID["<bos>"],
+    return CogVLAConfig.tiny(n_layers=n_layers, schedule=schedule, vocab_size=len(VOCAB), bos_id=WORD_ID["<bos>"],
                              image_size=IMAGE_SIZE, patch_size=PATCH, n_agg_tokens=0 if tokens == "patch" else 64,
                              router_film=film, attn_impl="sdpa")
 
@@ -111,7 +111,9 @@ def render(pos, colors):
     B, H = pos.shape[0], IMAGE_SIZE
     centers = (torch.arange(H) + 0.5) / H * 2 - 1                              # pixel centres in [-1, 1]
     palette = torch.tensor(list(COLORS.values()))                              # [4, 3]
-    images = torch.full((B, 3, 3, H, H), 0.5)                                  # grey table
+    # A black table: every colour then differs from it in the same direction (brighter), which
+    # one linear feature can detect; on grey, yellow is brighter and blue darker than the table.
+    images = torch.zeros(B, 3, 3, H, H)                                        # [B, cams, rgb, H, W]
     block_id = torch.full((B, 3, H, H), -1)
     for cam, ((u, v), d) in enumerate(zip(VIEWS, DEPTH)):
         depth = torch.full((B, H, H), float("inf"))
@@ -168,9 +170,9 @@ def keep_maps(model: CogVLA, data: dict, device, sample: int = 0) -> str:
     with autocast(device):
         out = model(part["images"], part["text_ids"], part["state"], prune=True)
     model.train()
-    words = " ".join(VOCAB[i] for i in part["text_ids"][0].tolist() if i)
+    words = " ".join(VOCAB[i] for i in part["text_ids"][0, :4].tolist())   # the instruction once (it is tiled)
     side = IMAGE_SIZE // PATCH
-    named = part["named_patches"][0].view(3, side, side)
+    named = part["named_patches"][0].cpu().view(3, side, side)
     lines = [f'keep maps for "{words}":  # kept  . dropped  [ ] the named block\'s patches',
              "        " + "".join(f"{name:<{3 * side + 2}}" for name in ("top (x-y)", "front (x-z)", "side (y-z)"))]
     for record in out.lfp:
@@ -220,6 +222,10 @@ def load_checkpoint(path: str, model, optimizer, args) -> int:
 # Training
 # ======================================================================================
 
+def say(*parts):
+    print(*parts, flush=True)   # progress shows up at once even when the output goes to a file
+
+
 def learning_rate(step: int, args) -> float:
     warmup = max(1, args.steps // 20)
     if step < warmup:
@@ -228,9 +234,10 @@ def learning_rate(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))   # cosine to 10%
 
 
-def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=print) -> dict:
+def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say) -> dict:
     """Train one model; returns the final metrics (on rank 0)."""
-    device = torch.device(args.device if world == 1 or args.device == "cpu" else f"cuda:{rank}")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(args.device if world == 1 or args.device == "cpu" else f"cuda:{local_rank}")
     torch.manual_seed(args.seed)                               # identical initial weights on every rank
     cfg = toy_config(args.tokens, film)
     model = CogVLA(cfg).to(device)
@@ -244,10 +251,13 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=prin
         step = load_checkpoint(ckpt_path, model, optimizer, args)
         log(f"[{mode}] resumed from {ckpt_path} at step {step}")
     # In dense mode the routers take no part in the forward pass: DDP must be told.
-    net = DistributedDataParallel(model, find_unused_parameters=dense) if world > 1 else model
+    net = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=dense)
 
     eval_data = make_batch(args.eval_size, seed=10_000_019 + args.seed)      # held out: its own seed
-    start_time, start_step, last = time.time(), step, time.time()
+    start_time, start_step = time.time(), step
     log(f"[{mode}] {sum(p.numel() for p in model.parameters()):,} parameters, {args.tokens} tokens, "
         f"router FiLM {'on' if film else 'off'}, {world} process(es) x batch {args.batch_size}, {args.steps} steps")
     try:
@@ -277,7 +287,6 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=prin
                 rate = (step - start_step) / (now - start_time)
                 log(f"[{mode}] step {step:>5}/{args.steps}  loss {loss.item():.4f}  {rate:.2f} steps/s  "
                     f"ETA {(args.steps - step) / rate:.0f} s")
-                last = now
             if rank == 0 and ckpt_path and (step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(ckpt_path, model, optimizer, step, args, cfg)
     except KeyboardInterrupt:
@@ -294,7 +303,7 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=prin
     return dict(mode=mode, tokens=args.tokens, film=film, steps=step, seconds=round(seconds, 1), **metrics)
 
 
-def print_table(runs: list[dict], log=print):
+def print_table(runs: list[dict], log=say):
     log(f"\n{'':<24}" + "".join(f"{r['mode'] + ('' if r['film'] else ' no-film'):>14}" for r in runs))
     log(f"{'action L1':<24}" + "".join(f"{r['l1']:>14.4f}" for r in runs))
     log(f"{'success':<24}" + "".join(f"{r['success']:>14.1%}" for r in runs))
@@ -337,13 +346,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None, log=print) -> dict:
+def main(argv=None, log=say) -> dict:
     args = parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:   # started by torchrun
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if rank != 0:
         log = lambda *a, **k: None                     # noqa: E731  rank 0 alone prints
     if args.out and rank == 0:
