@@ -601,6 +601,16 @@ def test_toy_targets_end_at_the_named_block_drawn_in_its_colour():
         assert words[2] in colours
 
 
+def test_toy_named_and_other_block_patches_are_disjoint_and_cover_every_block():
+    batch = train_toy.make_batch(16, seed=4)
+    named, other = batch["named_patches"], batch["other_patches"]
+    assert not (named & other).any()
+    assert named.any(dim=1).all() and other.any(dim=1).all()   # 3 blocks: the named one and others show
+    lit = batch["images"].sum(dim=2, keepdim=True).gt(0).float().flatten(0, 1)   # [B 3, 1, H, W] block pixels
+    any_block = torch.nn.functional.max_pool2d(lit, train_toy.PATCH).view(16, -1).bool()
+    assert torch.equal(named | other, any_block)
+
+
 def test_toy_other_instruction_on_the_same_scene_changes_the_target():
     a = train_toy.make_batch(8, seed=5, named=torch.zeros(8, dtype=torch.long))
     b = train_toy.make_batch(8, seed=5, named=torch.ones(8, dtype=torch.long))
@@ -621,7 +631,8 @@ def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
     result = json.loads(lines[-1])
     assert result["mode"] == "lfp" and result["steps"] == 20
     assert 0 <= result["success"] <= 1 and result["l1"] > 0
-    assert set(result["kept_share"]) == set(result["chance"]) == {"1", "2", "3", "4", "5", "6"}
+    assert set(result["kept_share"]) == set(result["kept_share_other"]) == set(result["chance"]) \
+        == {"1", "2", "3", "4", "5", "6"}
     assert result["chance"]["6"] == pytest.approx(int(192 * 0.2) / 192, abs=1e-4)
 
 

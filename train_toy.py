@@ -98,11 +98,14 @@ def make_batch(batch_size: int, seed: int, named=None, verb=None):
     actions = torch.cat([((goal - state) / 10 / STEP_SCALE)[:, None].expand(B, 10, 3),  # equal steps onto the block
                          torch.tensor([VERBS[v] for v in verb_names])[verb][:, None, None].expand(B, 10, 1)],
                         dim=-1)                                                # [B, 10, 4]
-    # The named block's patches: any patch showing one of its visible pixels, per camera.
+    # The named block's patches: any patch showing one of its visible pixels, per camera; the
+    # other blocks' patches: those showing another block and nothing of the named one.
     named = (block_id == target[:, None, None, None]).float()                 # [B, 3, H, W]
+    other = ((block_id >= 0) & (block_id != target[:, None, None, None])).float()
     named_patches = F.max_pool2d(named, PATCH).flatten(1).bool()              # [B, 3 x 64] in token order
+    other_patches = F.max_pool2d(other, PATCH).flatten(1).bool() & ~named_patches  # [B, 3 x 64]
     return dict(images=images, text_ids=text_ids, state=state, actions=actions, goal=goal,
-                named_patches=named_patches)
+                named_patches=named_patches, other_patches=other_patches)
 
 
 def render(pos, colors):
@@ -138,7 +141,8 @@ def render(pos, colors):
 def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 64) -> dict:
     model.eval()
     n = data["state"].shape[0]
-    l1, success, kept_named, total_named = 0.0, 0, {}, {}
+    l1, success = 0.0, 0
+    kept = {"named_patches": {}, "other_patches": {}}     # {which: {layer: [kept, total]}}
     for start in range(0, n, batch_size):
         part = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
         with autocast(device):
@@ -148,16 +152,19 @@ def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 6
         final = part["state"] + pred[..., :3].sum(dim=1) * STEP_SCALE         # [b, 3]
         success += int(((final - part["goal"]).norm(dim=-1) < SUCCESS_TOLERANCE).sum())
         for record in out.lfp:
-            kept = torch.zeros_like(record.keep_probs, dtype=torch.bool).scatter(1, record.kept_indices, True)
-            vision_kept = kept[:, model.cfg.vision_start:model.cfg.text_start]  # [b, V]
-            named = part["named_patches"]
-            kept_named[record.layer] = kept_named.get(record.layer, 0) + int((vision_kept & named).sum())
-            total_named[record.layer] = total_named.get(record.layer, 0) + int(named.sum())
+            is_kept = torch.zeros_like(record.keep_probs, dtype=torch.bool).scatter(1, record.kept_indices, True)
+            vision_kept = is_kept[:, model.cfg.vision_start:model.cfg.text_start]  # [b, V]
+            for which, counts in kept.items():
+                c = counts.setdefault(record.layer, [0, 0])
+                c[0] += int((vision_kept & part[which]).sum())
+                c[1] += int(part[which].sum())
     model.train()
+    # Aggregation tokens are not places in the image: "the named block's tokens" has no meaning there.
     patch_mode = model.cfg.n_agg_tokens == 0
+    share = {which: {l: round(k / max(t, 1), 4) for l, (k, t) in counts.items()} if patch_mode else None
+             for which, counts in kept.items()}
     return dict(l1=round(l1 / n, 4), success=round(success / n, 4),
-                # Aggregation tokens are not places in the image: "the named block's tokens" has no meaning there.
-                kept_share={l: round(kept_named[l] / total_named[l], 4) for l in kept_named} if patch_mode else None,
+                kept_share=share["named_patches"], kept_share_other=share["other_patches"],
                 chance={l: round(int(model.cfg.n_vision * r) / model.cfg.n_vision, 4)
                         for l, r in model.cfg.lfp_ratios.items()} if prune else {})
 
@@ -309,12 +316,12 @@ def print_table(runs: list[dict], log=say):
     log(f"{'success':<24}" + "".join(f"{r['success']:>14.1%}" for r in runs))
     log(f"{'train seconds':<24}" + "".join(f"{r['seconds']:>14.1f}" for r in runs))
     layers = sorted({l for r in runs for l in (r["chance"] or {})})
-    for layer in layers:
+    for layer in layers:   # the named block's patches kept, the other blocks', and chance
         cells = []
         for r in runs:
-            share = (r["kept_share"] or {}).get(layer)
-            cells.append(f"{share:.0%} vs {r['chance'][layer]:.0%}" if share is not None else "-")
-        log(f"{'layer ' + str(layer) + ' named kept/chance':<24}" + "".join(f"{c:>14}" for c in cells))
+            named, other = (r["kept_share"] or {}).get(layer), (r["kept_share_other"] or {}).get(layer)
+            cells.append(f"{named:.0%}/{other:.0%}/{r['chance'][layer]:.0%}" if named is not None else "-")
+        log(f"{'layer ' + str(layer) + ' named/other/chance':<24}" + "".join(f"{c:>14}" for c in cells))
 
 
 def parse_args(argv=None):
