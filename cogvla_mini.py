@@ -964,8 +964,8 @@ def walkthrough():
             print(f"the seed's figure assumes pruning persists between LFP layers: {seed_fig.total('attn_n2d') / 1e9:.2f}"
                   f" G N^2*D (it prints 5.12 G), {seed_fig.total('attn_n2d', True) / seed_fig.total('attn_n2d'):.2f}x;"
                   f" its own scatter (Phase 6) gives {acc.total('attn_n2d', True) / acc.total('attn_n2d'):.2f}x")
-    print("\n=== parameters (tiny preset) ===")
-    for name, n in parameter_report(model).items():
+    print("\n=== parameters (tiny preset, seed schedule: 6 routers) ===")
+    for name, n in parameter_report(CogVLA(CogVLAConfig.tiny())).items():
         print(f"{name:<34} {n:>10,}")
 
 

@@ -319,7 +319,7 @@ def test_films_are_identity_at_init(tiny):
     torch.testing.assert_close(block(x, cond), y + block.mlp(block.norm2(y)))
 
 
-def test_router_splices_filmed_vision_scores_like_the_clear_concatenation(tiny):
+def test_router_splices_filmed_vision_scores_like_the_clear_concatenation():
     model = make_model()
     randomize_films(model, vision=False)
     cfg, router = model.cfg, model.llm.layers[10].router
