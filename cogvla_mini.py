@@ -52,7 +52,7 @@ class CogVLAConfig:
     d_ff: int = 172                 # F, SwiGLU hidden size
     rope_theta: float = 10000.0     # RoPE base
     rms_eps: float = 1e-5           # RMSNorm epsilon (Llama-2's value)
-    attn_impl: str = "math"         # "math" (softmax you can step into), "sdpa", or "flash" (causal kernel, no mask)
+    attn_impl: str = "math"         # "math" (softmax you can step into), "sdpa", or "sdpa_causal" (is_causal, no mask)
     mask_kind: str = "causal"       # "causal" (the seed) or "catten" (action segment bidirectional)
     # --- the sequence layout ---
     n_images: int = 3               # I, camera images per sample
@@ -77,6 +77,8 @@ class CogVLAConfig:
     lfp_average: float = 0.5        # the average ratio of the shifted schedules (the reference's 0.5)
     router_film: bool = True        # FiLM the vision tokens with the text before the router scores them
     position_mode: str = "reindex"  # kept tokens get positions 0..K-1 ("reindex", the seed) or keep theirs ("original")
+    # --- checks (each reads a value back, which waits for a GPU: the benchmark turns them off) ---
+    check_values: bool = True       # token ids in range, finite images and state, finite LFP outputs
 
     @classmethod
     def tiny(cls, **overrides) -> "CogVLAConfig":
@@ -98,7 +100,8 @@ class CogVLAConfig:
         def need(ok, what, got):
             if not ok:
                 raise ValueError(f"CogVLAConfig: expected {what}, got {got!r}")
-        need(self.attn_impl in ("math", "sdpa", "flash"), "attn_impl 'math', 'sdpa' or 'flash'", self.attn_impl)
+        need(self.attn_impl in ("math", "sdpa", "sdpa_causal"), "attn_impl 'math', 'sdpa' or 'sdpa_causal'",
+             self.attn_impl)
         need(self.mask_kind in ("causal", "catten"), "mask_kind 'causal' or 'catten'", self.mask_kind)
         need(self.position_mode in ("reindex", "original"), "position_mode 'reindex' or 'original'", self.position_mode)
         need(self.d_model % self.n_heads == 0, f"d_model divisible by n_heads={self.n_heads}", self.d_model)
@@ -107,9 +110,14 @@ class CogVLAConfig:
         need(self.image_size % self.patch_size == 0, f"image_size divisible by patch_size={self.patch_size}",
              self.image_size)
         need(0 <= self.bos_id < self.vocab_size, f"bos_id in [0, {self.vocab_size})", self.bos_id)
-        self.lfp_ratios = lfp_schedule(self)  # {layer: ratio}; validates the schedule
+        lfp_schedule(self)  # raises on a bad schedule
 
-    # The layout, derived once from the counts above.
+    # Derived from the fields above on every read, so an edited config is never stale (a model
+    # already built keeps the layers it was built with; the decoder refuses a changed schedule).
+    @property
+    def lfp_ratios(self) -> dict[int, float]:    # {layer: share of vision tokens kept}
+        return lfp_schedule(self)
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -170,12 +178,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # [Dh/2]
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, so not in the state dict
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, position_ids, dtype):
-        freqs = position_ids.float()[..., None] * self.inv_freq   # [B, N, Dh/2]
-        angles = torch.cat([freqs, freqs], dim=-1)                 # [B, N, Dh]  rotate-half layout
+        # Frequencies and angles in float32 whatever the model's dtype (as transformers does): in
+        # bf16 the fast frequencies round by up to ~0.2%, 0.3 rad at position 255. Computing
+        # them here, not keeping a buffer, means model.to(torch.bfloat16) cannot round them.
+        exponents = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float32)
+        inv_freq = 1.0 / self.theta ** (exponents / self.head_dim)           # [Dh/2]
+        freqs = position_ids.float()[..., None] * inv_freq                    # [B, N, Dh/2]
+        angles = torch.cat([freqs, freqs], dim=-1)                            # [B, N, Dh]  rotate-half layout
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -200,7 +212,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * dh, d, bias=False)
 
     def forward(self, x, cos, sin, mask):
-        """mask: [B or 1, 1, N, N], bool ("may attend") or additive float; None only for "flash"."""
+        """mask: [B or 1, 1, N, N], bool ("may attend") or additive float; None for "sdpa_causal"."""
         cfg = self.cfg
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=cfg.n_heads)     # [B, H, N, Dh]
         k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=cfg.n_kv_heads)  # [B, Hkv, N, Dh]
@@ -221,7 +233,7 @@ class Attention(nn.Module):
             out = probs @ v                                                      # [B, H, N, Dh]
         elif cfg.attn_impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)        # [B, H, N, Dh]
-        else:  # "flash": a fused kernel that knows only the causal pattern, no mask tensor
+        else:  # "sdpa_causal": the kernel builds the causal pattern itself and takes no mask tensor
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)        # [B, H, N, Dh]
         return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))               # [B, N, D]
 
@@ -238,7 +250,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """A pre-norm Llama block. `mlp_weight` [B, N] scales the MLP output (LFP's Phase 4)."""
+    """A pre-norm Llama block. `mlp_weight` [B, N] scales the MLP output (LFP's Phase 4);
+    `x_normed` is input_layernorm(x) when the caller has computed it already."""
 
     def __init__(self, cfg: CogVLAConfig):
         super().__init__()
@@ -247,8 +260,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, mlp_weight=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)  # [B, N, D]
+    def forward(self, x, cos, sin, mask, mlp_weight=None, x_normed=None):
+        h = self.input_layernorm(x) if x_normed is None else x_normed     # [B, N, D]
+        x = x + self.self_attn(h, cos, sin, mask)                         # [B, N, D]
         m = self.mlp(self.post_attention_layernorm(x))                    # [B, N, D]
         if mlp_weight is not None:
             m = m * mlp_weight[..., None]                                 # [B, N, D]
@@ -404,14 +418,16 @@ class LFPDecoderLayer(DecoderLayer):
         self.n_keep = n_kept_tokens(cfg, self.ratio)
         self.router = Router(cfg)
 
-    def forward_lfp(self, x, position_ids, rope, log=None):
+    def forward_lfp(self, x, position_ids, rope, records=None):
         B, N, D = x.shape
-        # Phase 1: score. (The same norm runs again inside the block on the kept tokens.)
-        keep_prob = self.router(self.input_layernorm(x))                  # [B, N]
+        # Phase 1: score. The router reads the block's own input norm, so it is computed once
+        # for all N tokens and the block reuses the kept rows (RMSNorm works token by token).
+        h = self.input_layernorm(x)                                       # [B, N, D]
+        keep_prob = self.router(h)                                        # [B, N]
         # Phase 2: select.
         idx = select(keep_prob, self.n_keep, self.cfg)                    # [B, K]
-        # Phase 3: gather hidden states, router weights, mask and positions.
-        x_kept = gather_tokens(x, idx)                                    # [B, K, D]
+        # Phase 3: gather hidden states (and their norm), router weights, mask and positions.
+        x_kept, h_kept = gather_tokens(x, idx), gather_tokens(h, idx)     # [B, K, D] each
         # The router weight of every kept token, force-kept ones included, is its softmax
         # probability (the seed's code; its narrative says 1.0 for the forced ones).
         w_kept = keep_prob.gather(1, idx)                                 # [B, K]
@@ -423,16 +439,15 @@ class LFPDecoderLayer(DecoderLayer):
         cos, sin = rope(pos_kept, x.dtype)                                # [B or 1, K, Dh]
         # Phase 4: a normal block on the kept tokens; the router weight scales the MLP
         # output, the only path by which the loss's gradient reaches the router.
-        y = super().forward(x_kept, cos, sin, mask_kept, mlp_weight=w_kept)  # [B, K, D]
+        y = super().forward(x_kept, cos, sin, mask_kept, mlp_weight=w_kept, x_normed=h_kept)  # [B, K, D]
         # Phase 5: scatter back; dropped tokens leave this layer exactly as they came.
         out = scatter_tokens(x, idx, y)                                   # [B, N, D]
-        # The inf/NaN check looks at the new values only (dropped tokens did not change), and
-        # through one sum: a single reduction, where isfinite(out).all() would first build a
-        # [B, N, D] bool tensor. Any inf or NaN makes the sum non-finite.
-        if not torch.isfinite(y.sum()):
+        # The inf/NaN check looks at the new values only (dropped tokens did not change), as one
+        # sum: any inf or NaN makes it non-finite. Reading it on the host waits for a GPU.
+        if self.cfg.check_values and not torch.isfinite(y.sum()):
             raise FloatingPointError(f"LFP layer {self.layer}: inf or NaN in the hidden states after scatter")
-        if log is not None:
-            log.append(LFPRecord(self.layer, idx.detach(), keep_prob.detach()))
+        if records is not None:
+            records.append(LFPRecord(self.layer, idx.detach(), keep_prob.detach()))
         return out  # Phase 6: the next layer sees all N tokens again
 
 
@@ -453,29 +468,35 @@ class LlamaDecoder(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
-    def forward(self, embeds, prune: bool = True, position_ids=None, lfp_log: list | None = None):
-        """embeds [B, N, D] -> final-norm hidden states [B, N, D]. Pass a list as `lfp_log`
+    def forward(self, embeds, prune: bool = True, position_ids=None, records: list | None = None):
+        """embeds [B, N, D] -> final-norm hidden states [B, N, D]. Pass a list as `records`
         to receive one LFPRecord per LFP layer that ran."""
         cfg = self.cfg
         B, N, D = embeds.shape
         prune = prune and bool(cfg.lfp_ratios)
-        if prune and cfg.attn_impl == "flash":
-            raise ValueError('attn_impl="flash" takes no mask, but an LFP layer needs its gathered mask '
+        if prune and cfg.attn_impl == "sdpa_causal":
+            # Like flash-attention kernels, is_causal takes no mask; an LFP layer needs its
+            # gathered one (the seed's FAQ: gather/scatter conflicts with flash-attn).
+            raise ValueError('attn_impl="sdpa_causal" takes no mask, but an LFP layer needs its gathered mask '
                              '(the seed\'s FAQ: gather/scatter conflicts with flash-attn); use "sdpa" or '
                              '"math", or prune=False')
-        if cfg.attn_impl == "flash" and cfg.mask_kind != "causal":
-            raise ValueError(f'attn_impl="flash" can only be causal, got mask_kind={cfg.mask_kind!r}')
+        if cfg.attn_impl == "sdpa_causal" and cfg.mask_kind != "causal":
+            raise ValueError(f'attn_impl="sdpa_causal" can only be causal, got mask_kind={cfg.mask_kind!r}')
+        built = {i: layer.ratio for i, layer in enumerate(self.layers) if isinstance(layer, LFPDecoderLayer)}
+        if prune and built != cfg.lfp_ratios:
+            raise ValueError(f"cfg.schedule was changed after this model was built: its LFP layers keep {built}, "
+                             f"the config now says {cfg.lfp_ratios}; build a new model for the new schedule")
         if (prune or cfg.mask_kind == "catten") and N != cfg.seq_len:
             raise ValueError(f"LFP and catten need the config's layout: expected {cfg.seq_len} tokens, got {N}")
         all_tokens = torch.arange(N, device=embeds.device)[None]          # [1, N]
-        mask = None if cfg.attn_impl == "flash" else attention_mask(cfg, all_tokens)  # [1, 1, N, N]
+        mask = None if cfg.attn_impl == "sdpa_causal" else attention_mask(cfg, all_tokens)  # [1, 1, N, N]
         position_ids = all_tokens if position_ids is None else position_ids  # [1 or B, N]
         cos, sin = self.rotary_emb(position_ids, embeds.dtype)            # [1 or B, N, Dh]
 
         x = embeds
         for layer in self.layers:
             if prune and isinstance(layer, LFPDecoderLayer):
-                x = layer.forward_lfp(x, position_ids, self.rotary_emb, lfp_log)
+                x = layer.forward_lfp(x, position_ids, self.rotary_emb, records)
             else:
                 x = layer(x, cos, sin, mask)                              # [B, N, D]
         return self.norm(x)
@@ -584,6 +605,7 @@ class CogVLAOutput:
     actions: torch.Tensor                 # [B, chunk_len, action_dim]
     loss: torch.Tensor | None             # L1 against the given actions, else None
     lfp: list[LFPRecord] = field(default_factory=list)  # one per LFP layer that ran
+    vision_tokens: torch.Tensor | None = None  # [B, V, D] the vision tokens the LLM received (for probes)
 
 
 class CogVLA(nn.Module):
@@ -611,9 +633,17 @@ class CogVLA(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-        for p in (self.state_embed, self.action_queries):
-            nn.init.normal_(p, std=0.02)                    # distinct inputs for distinct queries
+                # The same rule with fan-in 1 (a one-hot input): unit scale. Both FiLMs read the
+                # instruction as the mean of these embeddings, and at Llama's 0.02 that signal
+                # would be ~50x weaker than the image features it modulates.
+                nn.init.normal_(module.weight, std=1.0)
+        nn.init.normal_(self.state_embed, std=0.02)         # which state value a token carries
+        # Queries that predict the same action value (dx at every chunk step, say) start alike,
+        # so where to look, once one of them learns it, is learned for all ten; a difference of
+        # 2% lets them part later. Small (0.02), like the state embeddings (README: what was tried).
+        per_value = 0.02 * torch.randn(self.cfg.action_dim, self.cfg.d_model)          # [A, D]
+        per_query = repeat(per_value, "a d -> (c a) d", c=self.cfg.chunk_len)           # [C A, D] as the head reads them
+        self.action_queries.data.copy_(per_query + 0.02 * 0.02 * torch.randn_like(per_query))
         for vit in (self.vision.dino, self.vision.siglip):
             # Pretrained encoders know where each patch is; ours start from a 2-D sin-cos code of
             # (row, column) so that position is readable from step 0 (it still trains).
@@ -626,7 +656,16 @@ class CogVLA(nn.Module):
                     nn.init.zeros_(film.bias)
         nn.init.zeros_(self.vision.fusion[-1].weight)       # fusion starts as an equal mix of the encoders
         for layer in self.llm.layers:
-            if isinstance(layer, LFPDecoderLayer) and self.cfg.router_film:
+            if not isinstance(layer, LFPDecoderLayer):
+                continue
+            # The router starts generous and nearly indifferent: keep probability ~0.88 for every
+            # token (+2 on the "keep" logit), small weights only to break ties. Its probability
+            # scales each kept token's MLP output (Phase 4); at 1/sqrt(fan_in) it spread from 0.1
+            # to 0.9, and all ten queries of one action value could start with their MLPs at a
+            # tenth of their strength in one layer and a third in the next.
+            nn.init.normal_(layer.router.score.weight, std=0.1 * self.cfg.d_model ** -0.5)
+            layer.router.score.bias.data.copy_(torch.tensor([0.0, 2.0]))    # [drop, keep]
+            if self.cfg.router_film:
                 for mlp in (layer.router.film_scale, layer.router.film_shift):
                     nn.init.zeros_(mlp[-1].weight)          # router FiLM starts as identity too
                     nn.init.zeros_(mlp[-1].bias)
@@ -640,9 +679,14 @@ class CogVLA(nn.Module):
             raise ValueError(f"text_ids: expected [B, {cfg.n_text}] (pad or truncate), got {list(text_ids.shape)}")
         if text_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"text_ids: expected integer token ids, got dtype {text_ids.dtype}")
-        lo, hi = int(text_ids.min()), int(text_ids.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"text_ids: expected ids in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
+        if cfg.check_values:   # each reads a value back from the device: cfg.check_values=False skips them
+            lo, hi = int(text_ids.min()), int(text_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"text_ids: expected ids in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
+            for name, t in (("images", images), ("state", state)):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{name}: expected finite values, got {int((~torch.isfinite(t)).sum())} "
+                                     f"inf or NaN")
         if state.dim() != 2 or state.shape[1] != cfg.n_state:
             raise ValueError(f"state: expected [B, {cfg.n_state}], got {list(state.shape)}")
         want_act = (cfg.chunk_len, cfg.action_dim)
@@ -666,12 +710,13 @@ class CogVLA(nn.Module):
 
     def forward(self, images, text_ids, state, actions=None, prune: bool = True) -> CogVLAOutput:
         self.check_inputs(images, text_ids, state, actions)
-        log: list[LFPRecord] = []
-        hidden = self.llm(self.embed(images, text_ids, state), prune=prune, lfp_log=log)  # [B, N, D]
-        queries = hidden[:, -self.cfg.n_queries:]                           # [B, 40, D]
-        pred = rearrange(self.action_head(queries), "b (c a) 1 -> b c a", c=self.cfg.chunk_len)  # [B, 10, 4]
+        cfg, records = self.cfg, []
+        embeds = self.embed(images, text_ids, state)                        # [B, N, D]
+        hidden = self.llm(embeds, prune=prune, records=records)             # [B, N, D]
+        queries = hidden[:, -cfg.n_queries:]                                # [B, 40, D]
+        pred = rearrange(self.action_head(queries), "b (c a) 1 -> b c a", c=cfg.chunk_len)  # [B, 10, 4]
         loss = F.l1_loss(pred.float(), actions.float()) if actions is not None else None
-        return CogVLAOutput(pred, loss, log)
+        return CogVLAOutput(pred, loss, records, vision_tokens=embeds[:, cfg.vision_start:cfg.text_start])
 
     def example_inputs(self, batch_size: int = 2, seed: int = 0):
         """Valid random (images, text_ids, state, actions) on the model's device."""
@@ -696,7 +741,7 @@ class LayerCost:
     attn_n2d: float       # N^2 x D, the seed's per-layer attention figure
     attn_flops: float     # 4 N^2 D: QK^T and AV, 2 FLOPs per multiply-add
     linear_flops: float   # 2 x tokens x (q, k, v, o, gate, up, down weights)
-    router_flops: float   # router Linear on all N tokens, FiLM MLPs and modulation
+    router_flops: float   # router matmuls: score on all N tokens (and again on the FiLMed vision ones), FiLM MLPs
     kv_bytes: float       # K and V of this layer's tokens
 
     @property
@@ -734,9 +779,9 @@ def account(cfg: CogVLAConfig, batch_size: int = 1, bytes_per_value: int = 2,
     def cost(layer, tokens, lfp):
         router = 0.0
         if lfp:
-            router = 2 * N * D * 2 + 2 * N * D                         # score Linear(D, 2), its input norm
-            if cfg.router_film:
-                router += 2 * 2 * (D * D // 2 + D // 2 * D) + 2 * cfg.n_vision * D  # 2 MLPs, modulation
+            router = 2 * N * D * 2                                     # score Linear(D, 2) on all N
+            if cfg.router_film:   # the FiLMed vision tokens are scored again; 2 MLPs D -> D/2 -> D on the text mean
+                router += 2 * cfg.n_vision * D * 2 + 2 * 2 * (D * (D // 2) + (D // 2) * D)
         return LayerCost(layer, tokens, lfp, float(tokens ** 2 * D), 4.0 * tokens ** 2 * D * batch_size,
                          2.0 * tokens * weights * batch_size, router * batch_size,
                          2.0 * tokens * d_kv * bytes_per_value * batch_size)
@@ -758,11 +803,24 @@ def account(cfg: CogVLAConfig, batch_size: int = 1, bytes_per_value: int = 2,
 def bench_config(schedule, width: int, full: bool) -> CogVLAConfig:
     """The seed's layout (256 tokens, 32 layers) at `width`, Llama-2's proportions
     (head dim 64 here, MLP 11008/4096 x width); `full` is the seed's own size."""
+    # No value checks: each would make the LFP path wait for the GPU where dense does not.
     if full:
-        return CogVLAConfig.seed(schedule=schedule)
+        return CogVLAConfig.seed(schedule=schedule, check_values=False)
     heads = max(1, width // 64)
     return CogVLAConfig.tiny(schedule=schedule, d_model=width, n_heads=heads, n_kv_heads=heads,
-                             d_ff=int(width * 11008 / 4096), attn_impl="sdpa")
+                             d_ff=int(width * 11008 / 4096), attn_impl="sdpa", check_values=False)
+
+
+def build_decoder(cfg: CogVLAConfig, device, dtype) -> LlamaDecoder:
+    """Build straight on `device` in `dtype`: at the seed's size a float32 copy on the CPU
+    first would take 27 GB."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaDecoder(cfg)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def synchronize(device):
@@ -803,12 +861,15 @@ def benchmark(schedules=("seed", REFERENCE_SCHEDULE), width=512, batch=4, full=F
               reps=9, warmup=1, passes=("forward", "forward+backward"), out=print) -> list[dict]:
     """Median ms of dense and LFP runs, interleaved, next to the FLOP bound. Returns one dict per
     (schedule, pass) and prints it as a JSON line."""
+    if full and torch.device(device).type != "cuda":
+        raise ValueError(f"full=True is the seed's 6.7B-parameter decoder (13 GB in bf16): it needs a GPU, "
+                         f"got device {device!r}; use a smaller width on the CPU")
     results = []
     dtype = torch.bfloat16 if full else torch.float32
     for schedule in schedules:
         cfg = bench_config(schedule, width, full)
         torch.manual_seed(0)
-        llm = LlamaDecoder(cfg).to(device=device, dtype=dtype)
+        llm = build_decoder(cfg, device, dtype)
         embeds = torch.randn(batch, cfg.seq_len, cfg.d_model, device=device, dtype=dtype)
         bound = account(cfg, batch).speedup_bound  # the same for backward: every matmul costs 2x more there
 
@@ -855,51 +916,45 @@ def benchmark(schedules=("seed", REFERENCE_SCHEDULE), width=512, batch=4, full=F
 
 def profile_lfp_layer(schedule=REFERENCE_SCHEDULE, layer=20, width=512, batch=4, device="cpu", reps=11,
                       out=print) -> dict[str, float]:
-    """Where one LFP layer's forward time goes: each phase timed alone (median ms), next to a
-    standard layer on all N tokens and on K tokens (the ideal an LFP layer approaches)."""
+    """Where one LFP layer's forward time goes: the real `forward_lfp`, timed whole (median ms)
+    next to a standard layer on all N tokens and on K tokens (the ideal it approaches), then
+    split by operator with torch.profiler (self time per call of the layer)."""
     cfg = bench_config(schedule, width, full=False)
     torch.manual_seed(0)
-    llm = LlamaDecoder(cfg).to(device)
+    llm = build_decoder(cfg, device, torch.float32)
     lfp = llm.layers[layer]
     x = torch.randn(batch, cfg.seq_len, cfg.d_model, device=device)       # [B, N, D]
     pos = torch.arange(cfg.seq_len, device=device)[None]                  # [1, N]
+    K = lfp.n_keep
+    cos, sin = llm.rotary_emb(pos, x.dtype)                               # [1, N, Dh]
+    runs = {
+        "LFP layer (forward_lfp)": lambda: lfp.forward_lfp(x, pos, llm.rotary_emb),
+        "standard layer on N tokens": lambda: DecoderLayer.forward(lfp, x, cos, sin, attention_mask(cfg, pos)),
+        "standard layer on K tokens": lambda: DecoderLayer.forward(lfp, x[:, :K], cos[:, :K], sin[:, :K],
+                                                                  attention_mask(cfg, pos[:, :K])),
+    }
+    timings = {}
     with torch.no_grad():
-        h = lfp.input_layernorm(x)
-        keep_prob = lfp.router(h)
-        idx = select(keep_prob, lfp.n_keep, cfg)
-        K = idx.shape[1]
-        x_kept, w_kept, mask_kept = gather_tokens(x, idx), keep_prob.gather(1, idx), attention_mask(cfg, idx)
-        cos_k, sin_k = llm.rotary_emb(pos[:, :K], x.dtype)
-        y = DecoderLayer.forward(lfp, x_kept, cos_k, sin_k, mask_kept, mlp_weight=w_kept)
-        cos, sin = llm.rotary_emb(pos, x.dtype)
-        full_mask = attention_mask(cfg, pos)
-        first_k = pos[:, :K]
-        phases = {
-            "standard layer on N tokens": lambda: DecoderLayer.forward(lfp, x, cos, sin, full_mask),
-            "standard layer on K tokens": lambda: DecoderLayer.forward(lfp, x[:, :K], cos_k, sin_k,
-                                                                      attention_mask(cfg, first_k)),
-            "LFP layer, whole": lambda: lfp.forward_lfp(x, pos, llm.rotary_emb),
-            "  1 norm + router (FiLM, score)": lambda: lfp.router(lfp.input_layernorm(x)),
-            "  2 select (top-k, sort)": lambda: select(keep_prob, lfp.n_keep, cfg),
-            "  3 gather hidden + weights": lambda: (gather_tokens(x, idx), keep_prob.gather(1, idx)),
-            "  3 mask built from indices": lambda: attention_mask(cfg, idx),
-            "  3 mask gathered (seed's way)": lambda: gather_mask(full_mask, idx),
-            "  3 positions + RoPE": lambda: llm.rotary_emb(torch.arange(K, device=device)[None], x.dtype),
-            "  4 block on K tokens": lambda: DecoderLayer.forward(lfp, x_kept, cos_k, sin_k, mask_kept,
-                                                                  mlp_weight=w_kept),
-            "  5 scatter": lambda: scatter_tokens(x, idx, y),
-            "  5 inf/NaN check": lambda: torch.isfinite(y.sum()),
-        }
-        timings = {}
-        for name, fn in phases.items():
+        for name, fn in runs.items():
             fn()
             timings[name] = median([time_ms(fn, device) for _ in range(reps)])
-    whole = timings["LFP layer, whole"]
-    out(f"\nwhere LFP layer {layer}'s forward time goes ({schedule}, N={cfg.seq_len}, K={K}, "
-        f"d_model {width}, batch {batch}, {device}, median of {reps}):")
+        gpu = torch.device(device).type == "cuda"
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(reps):
+                runs["LFP layer (forward_lfp)"]()
+            synchronize(device)
+    ops = {e.key: (e.self_device_time_total if gpu else e.self_cpu_time_total) / 1e3 / reps
+           for e in prof.key_averages()}
+    ops = dict(sorted(((k, v) for k, v in ops.items() if v > 0), key=lambda kv: -kv[1]))
+    out(f"\nLFP layer {layer} ({schedule}, N={cfg.seq_len}, K={K}, d_model {width}, batch {batch}, {device}, "
+        f"median of {reps}):")
     for name, ms in timings.items():
-        out(f"  {name:<34} {ms:8.3f} ms  {ms / whole:6.1%} of the LFP layer")
-    return timings
+        out(f"  {name:<34} {ms:8.3f} ms")
+    out(f"  where forward_lfp's time goes, by operator ({'GPU' if gpu else 'CPU'} self time per call):")
+    for name, ms in list(ops.items())[:12]:
+        out(f"    {name[:44]:<44} {ms:8.3f} ms  {ms / sum(ops.values()):6.1%}")
+    return {**timings, **{f"op {k}": v for k, v in ops.items()}}
 
 
 def print_benchmark_table(rows):
@@ -988,5 +1043,8 @@ if __name__ == "__main__":
               f"device {args.device}, median of {args.reps}, dense and LFP interleaved")
         if not args.full:
             profile_lfp_layer(width=args.width, batch=args.batch, device=args.device)
-        print_benchmark_table(benchmark(width=args.width, batch=args.batch, full=args.full,
-                                        device=args.device, reps=args.reps))
+        try:
+            rows = benchmark(width=args.width, batch=args.batch, full=args.full, device=args.device, reps=args.reps)
+        except ValueError as err:   # --full without a GPU
+            raise SystemExit(str(err))
+        print_benchmark_table(rows)

@@ -1,14 +1,17 @@
 """Executable claims about cogvla_mini.py and train_toy.py. Seconds on a CPU; the
 device-parametrised ones run on CUDA too when there is one."""
 
+import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import cogvla_mini as cm
 import train_toy
@@ -135,6 +138,16 @@ def test_average_ratio_shifts_the_schedule():
     assert min(lo) < min(hi)   # a lower average starts pruning earlier
 
 
+def test_schedule_edited_after_the_config_is_made_is_used_and_a_built_model_refuses_it():
+    cfg = CogVLAConfig.tiny()
+    built = cm.LlamaDecoder(cfg)
+    cfg.schedule = cm.REFERENCE_SCHEDULE
+    assert sorted(cfg.lfp_ratios) == list(range(8, 32))
+    assert sorted(cm.LlamaDecoder(cfg).layers[i].layer for i in range(8, 32)) == list(range(8, 32))
+    with pytest.raises(ValueError, match="changed after this model was built"):
+        built(torch.randn(1, cfg.seq_len, cfg.d_model))
+
+
 def test_dict_schedule_prunes_exactly_the_given_layers():
     model = make_model(n_layers=3, schedule={0: 1.0, 2: 0.25})
     images, text_ids, state, _ = model.example_inputs(batch_size=2)
@@ -168,12 +181,12 @@ def test_with_lfp_action_tokens_never_reach_vision_or_text(mask_kind):
     embeds = torch.randn(2, 256, cfg.d_model)
     changed = embeds.clone()
     changed[:, cfg.action_start:] += torch.randn(2, 256 - cfg.action_start, cfg.d_model)
-    log_a, log_b = [], []
+    records_a, records_b = [], []
     with torch.no_grad():
-        a = model.llm(embeds, lfp_log=log_a)
-        b = model.llm(changed, lfp_log=log_b)
+        a = model.llm(embeds, records=records_a)
+        b = model.llm(changed, records=records_b)
     torch.testing.assert_close(b[:, :cfg.action_start], a[:, :cfg.action_start], rtol=0, atol=1e-6)
-    assert all(torch.equal(x.kept_indices, y.kept_indices) for x, y in zip(log_a, log_b))
+    assert all(torch.equal(x.kept_indices, y.kept_indices) for x, y in zip(records_a, records_b))
     assert not torch.allclose(b[:, cfg.action_start:], a[:, cfg.action_start:])
 
 
@@ -238,10 +251,10 @@ def lfp_layer_inputs(model, batch=2, seed=4):
 def test_scatter_leaves_dropped_tokens_bit_exact(tiny):
     layer = tiny.llm.layers[20]
     x, pos, mask = lfp_layer_inputs(tiny)
-    log = []
+    records = []
     with torch.no_grad():
-        out = layer.forward_lfp(x, pos, tiny.llm.rotary_emb, log)
-    kept = torch.zeros(x.shape[:2], dtype=torch.bool).scatter(1, log[0].kept_indices, True)
+        out = layer.forward_lfp(x, pos, tiny.llm.rotary_emb, records)
+    kept = torch.zeros(x.shape[:2], dtype=torch.bool).scatter(1, records[0].kept_indices, True)
     assert (~kept).sum() == 2 * (192 - 76)
     assert torch.equal(out[~kept], x[~kept])
     assert not torch.isclose(out[kept], x[kept]).all(dim=-1).any()
@@ -319,6 +332,25 @@ def test_films_are_identity_at_init(tiny):
     torch.testing.assert_close(block(x, cond), y + block.mlp(block.norm2(y)))
 
 
+def test_untrained_routers_scale_every_tokens_mlp_alike(tiny):
+    """At init no token's MLP is silenced: keep probabilities (the MLP weights of Phase 4) sit
+    near 0.88 for every token, action queries included, with a small spread that ranks them."""
+    images, text_ids, state, _ = tiny.example_inputs(batch_size=2)
+    with torch.no_grad():
+        records = tiny(images, text_ids, state).lfp
+    for r in records:
+        p = r.keep_probs
+        assert 0.8 < p.min() and p.max() < 0.95, f"layer {r.layer}: keep probabilities {p.min():.2f}..{p.max():.2f}"
+        assert (p[:, 1:193].std(dim=1) > 1e-3).all()                        # a spread, so top-k is not by position
+
+
+def test_queries_of_the_same_action_value_start_alike(tiny):
+    q = tiny.action_queries.detach().view(tiny.cfg.chunk_len, tiny.cfg.action_dim, -1)   # [C, A, D] as the head reads them
+    same = (q - q[:1]).norm(dim=-1).max()                  # one value, any two chunk steps
+    different = (q[:, :1] - q[:, 1:]).norm(dim=-1).min()   # two values
+    assert same < 0.1 * different
+
+
 def test_router_splices_filmed_vision_scores_like_the_clear_concatenation():
     model = make_model()
     randomize_films(model, vision=False)
@@ -346,7 +378,9 @@ def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
     backward = [r for r in rows if r["pass"] == "forward+backward"]
     assert all(r["dense_saved_mib"] > 0 and r["lfp_saved_mib"] > 0 for r in backward)
     timings = cm.profile_lfp_layer(width=64, batch=1, reps=1, out=lines.append)
-    assert timings["LFP layer, whole"] > 0 and "  2 select (top-k, sort)" in timings
+    assert timings["LFP layer (forward_lfp)"] > 0 and timings["standard layer on K tokens"] > 0
+    # The profile is of the real forward_lfp: its top-k, gather and scatter show up by name.
+    assert {"op aten::topk", "op aten::gather", "op aten::scatter"} <= set(timings)
 
 
 def kept_for_two_instructions(model):
@@ -409,14 +443,52 @@ def test_bool_and_additive_masks_agree(attn_impl):
         torch.testing.assert_close(attn(x, cos, sin, additive), attn(x, cos, sin, allowed))
 
 
-def test_flash_kernel_matches_dense_and_is_refused_with_lfp():
-    flash, plain = make_model(attn_impl="flash"), make_model(attn_impl="math")
+def test_causal_kernel_without_a_mask_matches_dense_and_is_refused_with_lfp():
+    causal, plain = make_model(attn_impl="sdpa_causal"), make_model(attn_impl="math")
     embeds = torch.randn(1, 256, plain.cfg.d_model)
     with torch.no_grad():
-        torch.testing.assert_close(flash.llm(embeds, prune=False), plain.llm(embeds, prune=False),
+        torch.testing.assert_close(causal.llm(embeds, prune=False), plain.llm(embeds, prune=False),
                                    rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="flash.*mask"):
-        flash(*flash.example_inputs()[:3])
+    with pytest.raises(ValueError, match="sdpa_causal.*takes no mask.*flash-attn"):
+        causal(*causal.example_inputs()[:3])
+
+
+def test_rope_stays_float32_inside_a_bf16_model():
+    cfg = CogVLAConfig.tiny(d_model=256, n_heads=2, n_kv_heads=2)       # head dim 128, as the seed's
+    rope = cm.LlamaDecoder(cfg).to(torch.bfloat16).rotary_emb
+    pos = torch.arange(256)[None]
+    cos, sin = rope(pos, torch.bfloat16)
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    # Independent float64 angles: position x theta^(-2i/Dh), in the rotate-half layout.
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    angles = (pos[0, :, None].double() * inv_freq).repeat(1, 2)                 # [N, Dh]
+    # Only the final cast may round: bf16 keeps 8 bits, so |error| <= 2^-8 of a value <= 1.
+    for got, want in ((cos, angles.cos()), (sin, angles.sin())):
+        err = (got[0].double() - want).abs().max().item()
+        assert err <= 2 ** -8, f"bf16 RoPE off by {err:.4f} (a bf16 inv_freq gives ~0.3 at position 255)"
+
+
+def test_forward_without_value_checks_never_reads_a_value_back(monkeypatch):
+    """Each read of a tensor's value on the host (bool, int, item) waits for a GPU; the LFP
+    path must have none when cfg.check_values is off, or a GPU benchmark is tilted against it."""
+    model = make_model(check_values=False)
+    inputs = model.example_inputs()[:3]
+
+    def refuse(*_):
+        raise AssertionError("a tensor value was read back on the host")
+
+    with torch.no_grad():
+        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        model(*inputs)                                                      # no read-back: no error
+        checked = make_model(check_values=True)
+        with pytest.raises(AssertionError, match="read back"):             # the probe does catch them
+            checked(*inputs)
+
+
+def test_full_size_benchmark_is_refused_without_a_gpu():
+    with pytest.raises(ValueError, match="needs a GPU, got device 'cpu'"):
+        cm.benchmark(full=True, device="cpu")
 
 
 def llama_keys(n_layers):
@@ -456,6 +528,676 @@ def test_decoder_matches_transformers_llama():
         torch.testing.assert_close(ours(embeds, prune=False), expected, rtol=0, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- independent references
+# Every expected value below is computed from the formula, in float64, with explicit loops over
+# heads and positions, without the helpers under test (rotate_half, apply_rope, attention_mask,
+# select, gather/scatter, RMSNorm): a one-line slip in any of them changes a result here, with
+# or without transformers installed. Weights are copied from the model's modules.
+# Precision: like transformers' Llama, the model normalises (RMSNorm), computes RoPE angles and
+# (attn_impl "math") takes the softmax in float32 even for float64 inputs. Pieces without those
+# are compared at 1e-10; anything through them at 2e-5 (observed error ~1e-6; every planted bug
+# moved the output by far more).
+
+TOL64 = 1e-10   # float64 end to end
+TOL32 = 2e-5    # through the float32 norm / RoPE angles / softmax (observed error ~1e-6)
+
+
+def small_cfg(**overrides):
+    """The seed's structure at a tiny layout: N = 1 + 16 vision + 6 text + 2 state + 12 queries = 37."""
+    base = dict(n_layers=2, schedule={1: 0.3}, n_heads=4, n_kv_heads=2, n_images=2, n_agg_tokens=8,
+                n_text=6, n_state=2, chunk_len=3, action_dim=4)
+    return cm.CogVLAConfig.tiny(**{**base, **overrides})
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=gen(seed), dtype=torch.float64) * scale
+
+
+def randomize_(module, seed, std=0.3):
+    """Fill every parameter of `module` with non-zero random values (float64 module)."""
+    g = gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return module
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close(got, want, tol, what):
+    assert got.shape == want.shape, f"{what}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}"
+    err = max_err(got, want)
+    assert err <= tol, f"{what}: expected the naive reference within {tol:g}, got max |diff| = {err:.3g}"
+
+
+# =============================================================================== naive Llama
+
+def ref_rmsnorm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps), in float32, cast back to x's dtype, then times the weight."""
+    x32 = x.to(torch.float32)
+    normed = x32 / torch.sqrt((x32 * x32).sum(-1, keepdim=True) / x32.shape[-1] + eps)
+    return weight * normed.to(x.dtype)
+
+
+def ref_inv_freq(head_dim, theta):
+    i = torch.arange(head_dim // 2, dtype=torch.float64)
+    return theta ** (-2.0 * i / head_dim)                                      # [Dh/2]
+
+
+def ref_rope(x, positions, theta):
+    """Rotate each pair (i, i + Dh/2) of x [..., N, Dh] as a complex number by positions * inv_freq."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:].double())         # [..., N, Dh/2]
+    angle = positions.double()[:, None] * ref_inv_freq(x.shape[-1], theta)     # [N, Dh/2]
+    z = z * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def ref_may_attend(cfg, q_pos, k_pos):
+    """Sequence positions q_pos (query) may see k_pos (key)?"""
+    if k_pos <= q_pos:
+        return True
+    return cfg.mask_kind == "catten" and q_pos >= cfg.action_start and k_pos >= cfg.action_start
+
+
+def ref_attention(attn, x, rope_positions, token_positions, cfg):
+    """Explicit loops over batch, heads and query positions. x [B, N, D] float64; rope_positions
+    [B, N] the positions RoPE uses; token_positions [B, N] the sequence positions the mask uses."""
+    B, N, D = x.shape
+    H, Hkv, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads
+    Wq, Wk, Wv, Wo = (m.weight.double() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    out = torch.zeros(B, N, H * Dh, dtype=torch.float64)
+    for b in range(B):
+        tok = token_positions[b].tolist()
+        allowed = [torch.tensor([j for j in range(N) if ref_may_attend(cfg, tok[i], tok[j])]) for i in range(N)]
+        for h in range(H):
+            kvh = h // (H // Hkv)                                              # GQA: consecutive query heads share
+            q = x[b] @ Wq[h * Dh:(h + 1) * Dh].T                               # [N, Dh]
+            k = x[b] @ Wk[kvh * Dh:(kvh + 1) * Dh].T
+            v = x[b] @ Wv[kvh * Dh:(kvh + 1) * Dh].T
+            q = ref_rope(q, rope_positions[b], cfg.rope_theta)
+            k = ref_rope(k, rope_positions[b], cfg.rope_theta)
+            for i in range(N):
+                scores = k[allowed[i]] @ q[i] / math.sqrt(Dh)                   # [allowed keys]
+                p = torch.exp(scores - scores.max())
+                out[b, i, h * Dh:(h + 1) * Dh] = (p / p.sum()) @ v[allowed[i]]
+    return out @ Wo.T
+
+
+def ref_silu(x):
+    return x / (1 + torch.exp(-x))
+
+
+def ref_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def ref_linear(lin, x):
+    y = x @ lin.weight.double().T
+    return y if lin.bias is None else y + lin.bias.double()
+
+
+def ref_mlp(mlp, x):
+    return ref_linear(mlp.down_proj, ref_silu(ref_linear(mlp.gate_proj, x)) * ref_linear(mlp.up_proj, x))
+
+
+def ref_block(layer, x, rope_positions, token_positions, cfg, mlp_weight=None):
+    """Pre-norm Llama block; mlp_weight [B, N] scales the MLP output only."""
+    eps = cfg.rms_eps
+    x = x + ref_attention(layer.self_attn, ref_rmsnorm(x, layer.input_layernorm.weight, eps),
+                          rope_positions, token_positions, cfg)
+    m = ref_mlp(layer.mlp, ref_rmsnorm(x, layer.post_attention_layernorm.weight, eps))
+    if mlp_weight is not None:
+        m = m * mlp_weight[..., None]
+    return x + m
+
+
+def ref_router_keep_prob(router, h, cfg):
+    """h: input-normed hidden [B, N, D] -> keep probability [B, N]; FiLM on the vision slice only."""
+    B, N, D = h.shape
+    feats = h.clone()
+    if cfg.router_film:
+        text = h[:, cfg.text_start:cfg.action_start].sum(1) / cfg.n_text      # [B, D]
+        fs, fb = router.film_scale, router.film_shift
+        gamma = ref_linear(fs[2], ref_gelu(ref_linear(fs[0], text)))
+        beta = ref_linear(fb[2], ref_gelu(ref_linear(fb[0], text)))
+        for t in range(cfg.vision_start, cfg.text_start):
+            feats[:, t] = h[:, t] * (1 + gamma) + beta
+    logits = ref_linear(router.score, feats)                                   # [B, N, 2] (drop, keep)
+    e = torch.exp(logits - logits.max(-1, keepdim=True).values)
+    return e[..., 1] / e.sum(-1)
+
+
+def ref_n_kept(cfg, ratio):
+    return cfg.seq_len - cfg.n_vision + math.floor(cfg.n_vision * ratio)
+
+
+def ref_select(keep_prob_row, k, cfg):
+    """BOS and everything from text_start on, plus the best vision tokens; sorted by position."""
+    N = keep_prob_row.shape[0]
+    forced = [0] + list(range(cfg.text_start, N))
+    vision = sorted(range(cfg.vision_start, cfg.text_start), key=lambda t: -float(keep_prob_row[t].detach()))
+    n = k - len(forced)
+    if 0 < n < len(vision):   # the test's own setup must leave no near-tie at the cut
+        gap = float(keep_prob_row[vision[n - 1]] - keep_prob_row[vision[n]])
+        assert gap > 1e-5, f"test setup: keep probabilities tie at the top-k cut (gap {gap:.2g}); change the seed"
+    return sorted(forced + vision[:n])
+
+
+def ref_lfp_layer(layer, x, cfg, ratio):
+    """The whole LFP layer by hand: (output [B, N, D], kept indices per row, keep_prob [B, N])."""
+    B, N, D = x.shape
+    p = ref_router_keep_prob(layer.router, ref_rmsnorm(x, layer.input_layernorm.weight, cfg.rms_eps), cfg)
+    k = ref_n_kept(cfg, ratio)
+    out = x.clone()
+    kept_all = []
+    for b in range(B):
+        kept = ref_select(p[b], k, cfg)
+        kept_all.append(kept)
+        xk = x[b:b + 1, kept]                                                  # [1, K, D]
+        tok = torch.tensor(kept)[None]
+        rope_pos = torch.arange(k)[None] if cfg.position_mode == "reindex" else tok
+        y = ref_block(layer, xk, rope_pos, tok, cfg, mlp_weight=p[b:b + 1, kept])
+        for n, t in enumerate(kept):
+            out[b, t] = y[0, n]                                               # replaced, not added
+    return out, kept_all, p
+
+
+def ref_decoder(llm, x, cfg, prune):
+    positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
+    for i, layer in enumerate(llm.layers):
+        if prune and i in cfg.lfp_ratios:
+            x = ref_lfp_layer(layer, x, cfg, cfg.lfp_ratios[i])[0]
+        else:
+            x = ref_block(layer, x, positions, positions, cfg)
+    return ref_rmsnorm(x, llm.norm.weight, cfg.rms_eps)
+
+
+def randomize_router_(router, seed):
+    """Router FiLM (zero-initialised) and score with unit-scale random weights: logits O(1), so
+    the keep probabilities spread over (0, 1) without saturating into ties."""
+    g = gen(seed)
+    lins = [router.score] + ([m[i] for m in (router.film_scale, router.film_shift) for i in (0, 2)]
+                             if hasattr(router, "film_scale") else [])
+    with torch.no_grad():
+        for lin in lins:
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, dtype=lin.weight.dtype) / lin.in_features ** 0.5)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g, dtype=lin.bias.dtype) * 0.1)
+    return router
+
+
+def make_llm(cfg, seed=0):
+    torch.manual_seed(seed)
+    llm = cm.LlamaDecoder(cfg).double()
+    g = gen(seed + 100)
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))  # not all ones
+        for i, layer in enumerate(llm.layers):
+            if isinstance(layer, cm.LFPDecoderLayer):
+                randomize_router_(layer.router, seed + 110 + i)
+    return llm
+
+
+# ---------------------------------------------------------------------------- RMSNorm
+
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+def test_rmsnorm_is_x_over_sqrt_mean_square_plus_eps_times_weight(eps):
+    norm = cm.RMSNorm(24, eps).double()
+    with torch.no_grad():
+        norm.weight.copy_(randn(24, seed=1) + 1)
+    for scale in (1.0, 1e-2):   # at 1e-2 the mean square (1e-4) is comparable to eps: its place matters
+        x = randn(3, 5, 24, seed=2, scale=scale)
+        want = norm.weight.detach() * (x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps))
+        got = norm(x)
+        assert got.dtype == torch.float64, f"float64 in: expected a float64 output, got {got.dtype}"
+        err = ((got - want).abs() / want.abs().clamp_min(1e-3)).max().item()
+        assert err < 1e-5, f"scale {scale}, eps {eps}: expected the formula within float32 (1e-5 rel), got {err:.3g}"
+
+
+def test_rmsnorm_on_bf16_normalises_in_float32_and_casts_back_before_the_weight():
+    norm = cm.RMSNorm(64, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_((1 + randn(64, seed=3)).to(torch.bfloat16))
+    x = (randn(4, 9, 64, seed=4) * 3).to(torch.bfloat16)
+    got = norm(x)
+    assert got.dtype == torch.bfloat16, f"bf16 in: expected a bf16 output, got {got.dtype}"
+    x32 = x.float()
+    normed = (x32 / torch.sqrt((x32 ** 2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    want = norm.weight.detach() * normed                                   # bf16 x bf16, like LlamaRMSNorm
+    n_diff = (got != want).sum().item()
+    # float32 rsqrt vs 1/sqrt may move the float32 value by an ulp, which can flip a bf16 rounding
+    # at most rarely; a scale applied before the cast (double rounding) changes ~10% of the values.
+    assert n_diff <= 3, f"expected weight * bf16(float32-normalised x) elementwise, {n_diff} of {got.numel()} differ"
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+def test_rotary_cos_sin_are_position_times_theta_pow_minus_2i_over_dh_in_rotate_half_layout():
+    cfg = small_cfg()
+    rope = cm.RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    pos = torch.tensor([[0, 1, 2, 7, 30, 36], [5, 0, 3, 3, 11, 1]])
+    cos, sin = rope(pos, torch.float64)
+    assert cos.dtype == sin.dtype == torch.float64, f"expected the requested dtype float64, got {cos.dtype}"
+    angle = pos.double()[..., None] * ref_inv_freq(cfg.head_dim, cfg.rope_theta)   # [B, N, Dh/2]
+    assert_close(cos, torch.cat([angle.cos(), angle.cos()], -1), 1e-5, "cos (float32 angles)")
+    assert_close(sin, torch.cat([angle.sin(), angle.sin()], -1), 1e-5, "sin (float32 angles)")
+
+
+def test_apply_rope_is_a_complex_rotation_of_pairs_i_and_i_plus_half():
+    B, H, N, Dh = 2, 3, 7, 16
+    x = randn(B, H, N, Dh, seed=5)
+    pos = torch.tensor([[0, 1, 2, 3, 9, 20, 41], [3, 3, 0, 8, 1, 2, 100]])
+    angle = pos.double()[..., None] * ref_inv_freq(Dh, 10000.0)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    got = cm.apply_rope(x, cos, sin)
+    for b in range(B):
+        assert_close(got[b], ref_rope(x[b], pos[b], 10000.0), TOL64, f"apply_rope, batch {b}")
+
+
+# ---------------------------------------------------------------------------- attention, MLP
+
+def float64_cos_sin(positions, head_dim, theta):
+    angle = positions.double()[..., None] * ref_inv_freq(head_dim, theta)
+    return torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+
+
+def naive_bool_mask(cfg, token_positions):
+    B, K = token_positions.shape
+    m = torch.zeros(B, 1, K, K, dtype=torch.bool)
+    for b in range(B):
+        for i in range(K):
+            for j in range(K):
+                m[b, 0, i, j] = ref_may_attend(cfg, int(token_positions[b, i]), int(token_positions[b, j]))
+    return m
+
+
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+@pytest.mark.parametrize("mask_kind", ["causal", "catten"])
+def test_attention_matches_per_head_loops_with_gqa_h_over_group(mask_kind, attn_impl):
+    cfg = small_cfg(mask_kind=mask_kind, attn_impl=attn_impl)
+    torch.manual_seed(0)
+    attn = cm.Attention(cfg).double()
+    x = randn(2, cfg.seq_len, cfg.d_model, seed=6)
+    pos = torch.arange(cfg.seq_len)[None].expand(2, -1)
+    cos, sin = float64_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+    got = attn(x, cos, sin, naive_bool_mask(cfg, pos))
+    tol = 1e-6 if attn_impl == "math" else TOL64      # "math" takes its softmax in float32
+    assert_close(got, ref_attention(attn, x, pos, pos, cfg), tol, f"Attention ({mask_kind}, {attn_impl})")
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "catten"])
+def test_attention_mask_is_causal_plus_action_segment_both_ways(mask_kind):
+    cfg = small_cfg(mask_kind=mask_kind)
+    idx = torch.tensor([[0, 3, 16, 17, 22, 23, 24, 30, 36], [0, 1, 2, 20, 21, 23, 25, 26, 35]])
+    got = cm.attention_mask(cfg, idx)
+    want = naive_bool_mask(cfg, idx)
+    assert got.shape == want.shape and torch.equal(got.expand_as(want).bool(), want), \
+        f"{mask_kind} mask on kept indices: expected\n{want.int()}\ngot\n{got.int()}"
+
+
+def test_mlp_is_down_of_silu_gate_times_up():
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    mlp = cm.MLP(cfg).double()
+    x = randn(2, 5, cfg.d_model, seed=7)
+    assert_close(mlp(x), ref_mlp(mlp, x), TOL64, "SwiGLU MLP")
+
+
+# ---------------------------------------------------------------------------- the decoder
+
+@pytest.mark.parametrize("mask_kind", ["causal", "catten"])
+def test_dense_decoder_matches_naive_prenorm_llama(mask_kind):
+    cfg = small_cfg(mask_kind=mask_kind)
+    llm = make_llm(cfg)
+    x = randn(2, cfg.seq_len, cfg.d_model, seed=8)
+    with torch.no_grad():
+        got = llm(x, prune=False)
+    assert_close(got, ref_decoder(llm, x, cfg, prune=False), TOL32, f"dense decoder ({mask_kind})")
+
+
+def test_pruned_decoder_matches_naive_llama_with_a_naive_lfp_layer():
+    cfg = small_cfg(mask_kind="catten", position_mode="original")
+    llm = make_llm(cfg)
+    x = randn(2, cfg.seq_len, cfg.d_model, seed=9)
+    records = []
+    with torch.no_grad():
+        got = llm(x, prune=True, records=records)
+    assert [r.layer for r in records] == [1], f"expected one LFP record for layer 1, got {[r.layer for r in records]}"
+    assert_close(got, ref_decoder(llm, x, cfg, prune=True), TOL32, "pruned decoder")
+
+
+# ---------------------------------------------------------------------------- LFP
+
+def test_n_kept_tokens_is_all_tokens_minus_the_dropped_vision_floor():
+    cfg = small_cfg()
+    for ratio in (0.3, 0.5, 0.74, 1.0):
+        want = ref_n_kept(cfg, ratio)
+        assert cm.n_kept_tokens(cfg, ratio) == want, \
+            f"ratio {ratio}: expected {want} tokens kept, got {cm.n_kept_tokens(cfg, ratio)}"
+
+
+def test_select_forces_bos_and_all_non_vision_and_drops_the_worst_vision_at_both_ends():
+    cfg = small_cfg()
+    N, V = cfg.seq_len, cfg.n_vision
+    k = ref_n_kept(cfg, 0.5)
+    rows = []
+    for seed, worst in ((10, [cfg.vision_start]), (11, [cfg.text_start - 1]),
+                        (12, [cfg.vision_start, cfg.text_start - 1])):
+        p = torch.rand(N, generator=gen(seed), dtype=torch.float64) * 0.8 + 0.1
+        p[0] = p[cfg.text_start:] = 0.0                                   # forced tokens score lowest
+        for t in worst:
+            p[t] = 0.01 + 0.001 * t                                       # the first / last vision tokens worst
+        rows.append(p)
+    keep_prob = torch.stack(rows)
+    got = cm.select(keep_prob, k, cfg)
+    for b in range(keep_prob.shape[0]):
+        want = ref_select(keep_prob[b], k, cfg)
+        assert got[b].tolist() == want, f"row {b}: expected kept indices {want}, got {got[b].tolist()}"
+
+
+@pytest.mark.parametrize("position_mode", ["reindex", "original"])
+@pytest.mark.parametrize("mask_kind", ["causal", "catten"])
+def test_lfp_layer_matches_naive_router_select_block_and_scatter(position_mode, mask_kind):
+    cfg = small_cfg(position_mode=position_mode, mask_kind=mask_kind)
+    llm = make_llm(cfg)
+    layer = llm.layers[1]
+    x = randn(3, cfg.seq_len, cfg.d_model, seed=13)
+    pos = torch.arange(cfg.seq_len)[None]
+    records = []
+    with torch.no_grad():
+        got = layer.forward_lfp(x, pos, llm.rotary_emb, records)
+    want, kept, keep_prob = ref_lfp_layer(layer, x, cfg, cfg.lfp_ratios[1])
+    assert len(records) == 1, f"expected one LFPRecord, got {len(records)}"
+    assert_close(records[0].keep_probs, keep_prob, 1e-6, "router keep probabilities")
+    for b in range(x.shape[0]):
+        assert records[0].kept_indices[b].tolist() == kept[b], \
+            f"row {b}: expected kept {kept[b]}, got {records[0].kept_indices[b].tolist()}"
+        dropped = sorted(set(range(cfg.seq_len)) - set(kept[b]))
+        assert torch.equal(got[b, dropped], x[b, dropped]), "dropped tokens: expected them bit-exact unchanged"
+        assert_close(got[b, kept[b]], want[b, kept[b]], TOL32, f"kept tokens, row {b} ({position_mode}, {mask_kind})")
+
+
+def test_router_keep_probability_uses_film_on_vision_only():
+    cfg = small_cfg()
+    llm = make_llm(cfg)
+    router = llm.layers[1].router
+    h = randn(2, cfg.seq_len, cfg.d_model, seed=14)
+    with torch.no_grad():
+        got = router(h)
+    assert_close(got, ref_router_keep_prob(router, h, cfg), TOL64, "router keep probability")
+
+
+# =============================================================================== vision tower
+
+def ref_layernorm(ln, x):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight.double() + ln.bias.double()
+
+
+def ref_vit_block(block, x, cond):
+    """x [n, W] one image's tokens, cond [D]: x + attn; x * (1 + gamma) + beta; x + mlp(norm2(x))."""
+    n, W = x.shape
+    heads = block.heads
+    d = W // heads
+    qkv = ref_linear(block.qkv, ref_layernorm(block.norm1, x))                   # [n, 3W]: q | k | v
+    q, k, v = qkv[:, :W], qkv[:, W:2 * W], qkv[:, 2 * W:]
+    att = torch.zeros(n, W, dtype=torch.float64)
+    for h in range(heads):
+        sl = slice(h * d, (h + 1) * d)
+        for i in range(n):
+            s = (k[:, sl] @ q[i, sl]) / math.sqrt(d)                             # bidirectional
+            p = torch.exp(s - s.max())
+            att[i, sl] = (p / p.sum()) @ v[:, sl]
+    x = x + ref_linear(block.proj, att)
+    gamma, beta = ref_linear(block.film_scale, cond), ref_linear(block.film_shift, cond)
+    x = x * (1 + gamma) + beta
+    m = block.mlp
+    return x + ref_linear(m[2], ref_gelu(ref_linear(m[0], ref_layernorm(block.norm2, x))))
+
+
+def ref_patches(image, p):
+    """image [3, S, S] -> [P, p*p*3], patches row-major, each flattened (row, col, channel)."""
+    side = image.shape[-1] // p
+    return torch.stack([image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
+                        for r in range(side) for c in range(side)])
+
+
+def ref_vit(vit, image, cond, cfg):
+    x = ref_linear(vit.patch_embed, ref_patches(image, cfg.patch_size)) + vit.pos_embed.double()
+    if vit.agg_tokens is not None:
+        x = torch.cat([x, vit.agg_tokens.double()])                              # appended at the end
+    for block in vit.blocks:
+        x = ref_vit_block(block, x, cond)
+    return x[-cfg.n_agg_tokens:] if vit.agg_tokens is not None else x            # the last G tokens
+
+
+def ref_projector(proj, x):
+    return ref_linear(proj[-1], ref_gelu(ref_linear(proj[0], x)))
+
+
+def ref_fusion_weights(fusion, instruction):
+    logits = ref_linear(fusion[-1], ref_gelu(ref_linear(fusion[0], instruction)))  # [2]
+    e = torch.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def ref_vision_tower(tower, images, instruction, cfg):
+    out = []
+    for b in range(images.shape[0]):
+        w = ref_fusion_weights(tower.fusion, instruction[b])
+        per_image = []
+        for i in range(images.shape[1]):
+            dino = ref_projector(tower.dino_proj, ref_vit(tower.dino, images[b, i], instruction[b], cfg))
+            sig = ref_projector(tower.siglip_proj, ref_vit(tower.siglip, images[b, i], instruction[b], cfg))
+            per_image.append(w[0] * dino + w[1] * sig)
+        out.append(torch.cat(per_image))
+    return torch.stack(out)
+
+
+def make_tower(cfg, seed=0):
+    torch.manual_seed(seed)
+    tower = cm.VisionTower(cfg).double()
+    return randomize_(tower, seed + 200, std=0.2)    # FiLMs, fusion, agg tokens all non-zero
+
+
+def test_vit_block_is_attention_then_film_one_plus_gamma_then_mlp():
+    cfg = small_cfg()
+    block = randomize_(cm.ViTBlock(32, 2, 4.0, cfg.d_model).double(), 15, std=0.2)
+    x = randn(2, 10, 32, seed=16)
+    cond = randn(2, cfg.d_model, seed=17)
+    got = block(x, cond)
+    for b in range(2):
+        assert_close(got[b], ref_vit_block(block, x[b], cond[b]), TOL64, f"ViT block, sample {b}")
+
+
+def test_vit_output_is_the_last_n_agg_tokens_of_the_sequence():
+    cfg = small_cfg()
+    tower = make_tower(cfg)
+    images = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=gen(18), dtype=torch.float64)
+    cond = randn(2, cfg.d_model, seed=19)
+    got = tower.dino(images, cond)
+    for b in range(2):
+        assert_close(got[b], ref_vit(tower.dino, images[b], cond[b], cfg), TOL64, f"ViT hand-run, image {b}")
+
+
+def test_vit_without_blocks_returns_exactly_the_aggregation_tokens():
+    cfg = small_cfg(dino_depth=0)
+    tower = make_tower(cfg)
+    images = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=gen(20), dtype=torch.float64)
+    got = tower.dino(images, randn(2, cfg.d_model, seed=21))
+    want = tower.dino.agg_tokens.detach().expand(2, -1, -1)
+    assert torch.equal(got, want), "no blocks: expected the output to be the aggregation tokens, it is not"
+
+
+def test_projector_is_linear_gelu_linear():
+    proj = randomize_(cm.projector(32, 16).double(), 22)
+    x = randn(3, 5, 32, seed=23)
+    assert_close(proj(x), ref_projector(proj, x), TOL64, "projector")
+
+
+def test_vision_tower_matches_a_hand_run_with_softmax_fusion_weights():
+    cfg = small_cfg()
+    tower = make_tower(cfg)
+    images = torch.rand(2, cfg.n_images, 3, cfg.image_size, cfg.image_size, generator=gen(24), dtype=torch.float64)
+    instruction = randn(2, cfg.d_model, seed=25, scale=2.0)
+    got = tower(images, instruction)
+    assert_close(got, ref_vision_tower(tower, images, instruction, cfg), TOL64, "vision tower")
+
+
+@pytest.mark.parametrize("winner", [0, 1])
+def test_fusion_weight_one_selects_that_encoder_alone(winner):
+    cfg = small_cfg()
+    tower = make_tower(cfg)
+    with torch.no_grad():
+        tower.fusion[-1].weight.zero_()
+        tower.fusion[-1].bias.copy_(torch.tensor([100.0, -100.0] if winner == 0 else [-100.0, 100.0]))
+    images = torch.rand(2, cfg.n_images, 3, cfg.image_size, cfg.image_size, generator=gen(26), dtype=torch.float64)
+    instruction = randn(2, cfg.d_model, seed=27)
+    got = tower(images, instruction)
+    vit, proj = (tower.dino, tower.dino_proj) if winner == 0 else (tower.siglip, tower.siglip_proj)
+    name = "dino" if winner == 0 else "siglip"
+    for b in range(2):
+        want = torch.cat([ref_projector(proj, ref_vit(vit, images[b, i], instruction[b], cfg))
+                          for i in range(cfg.n_images)])
+        assert_close(got[b], want, TOL64, f"fusion weights ({winner == 0:d}, {winner == 1:d}): the {name} branch alone")
+
+
+# =============================================================================== CogVLA
+
+def make_naive_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = cm.CogVLA(cfg).double().eval()
+    randomize_(model.vision, seed + 300, std=0.2)
+    with torch.no_grad():
+        model.action_queries.copy_(randn(*model.action_queries.shape, seed=seed + 301))
+        model.state_embed.copy_(randn(*model.state_embed.shape, seed=seed + 302))
+    return model
+
+
+def naive_inputs(cfg, B=2, seed=30):
+    g = gen(seed)
+    images = torch.rand(B, cfg.n_images, 3, cfg.image_size, cfg.image_size, generator=g, dtype=torch.float64)
+    text_ids = torch.randint(0, cfg.vocab_size, (B, cfg.n_text), generator=g)
+    state = torch.rand(B, cfg.n_state, generator=g, dtype=torch.float64) * 2 - 1
+    actions = torch.rand(B, cfg.chunk_len, cfg.action_dim, generator=g, dtype=torch.float64) * 2 - 1
+    return images, text_ids, state, actions
+
+
+def test_embed_lays_out_bos_vision_text_state_queries():
+    cfg = small_cfg()
+    model = make_naive_model(cfg)
+    images, text_ids, state, _ = naive_inputs(cfg)
+    with torch.no_grad():
+        seq = model.embed(images, text_ids, state)
+        E = model.llm.embed_tokens.weight.double()
+        text = E[text_ids]                                                         # [B, T, D]
+        vision = ref_vision_tower(model.vision, images, text.sum(1) / cfg.n_text, cfg)
+    B = text_ids.shape[0]
+    assert seq.shape == (B, cfg.seq_len, cfg.d_model), f"expected [B, N, D] = {(B, cfg.seq_len, cfg.d_model)}, got {tuple(seq.shape)}"
+    assert_close(seq[:, 0], E[cfg.bos_id].expand(B, -1), 0.0, "position 0: the BOS embedding")
+    assert_close(seq[:, 1:1 + cfg.n_vision], vision, TOL64, "positions 1..V: vision (instruction = mean text embedding)")
+    t0 = 1 + cfg.n_vision
+    assert_close(seq[:, t0:t0 + cfg.n_text], text, 0.0, "the text embeddings after the vision tokens")
+    s0 = t0 + cfg.n_text
+    W, bias = model.state_proj.weight.double()[:, 0], model.state_proj.bias.double()
+    for j in range(cfg.n_state):
+        want = state[:, j, None] * W + bias + model.state_embed[j]
+        assert_close(seq[:, s0 + j], want, TOL64, f"state token {j}: state_proj(value) + state_embed[{j}]")
+    assert_close(seq[:, s0 + cfg.n_state:], model.action_queries.expand(B, -1, -1), 0.0, "the action queries last")
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_query_i_lands_at_step_i_div_action_dim_value_i_mod_action_dim(prune):
+    cfg = small_cfg()
+    model = make_naive_model(cfg)
+    images, text_ids, state, actions = naive_inputs(cfg)
+    seen = {}
+    handle = model.llm.register_forward_hook(lambda m, args, out: seen.__setitem__("hidden", out))
+    try:
+        with torch.no_grad():
+            out = model(images, text_ids, state, actions, prune=prune)
+    finally:
+        handle.remove()
+    hidden = seen["hidden"]
+    head = model.action_head
+    A, Q, N = cfg.action_dim, cfg.n_queries, cfg.seq_len
+    assert out.actions.shape == (2, cfg.chunk_len, A), f"expected actions [2, {cfg.chunk_len}, {A}], got {tuple(out.actions.shape)}"
+    for i in range(Q):
+        h = hidden[:, N - Q + i]                                                  # query i's final hidden state
+        want = ref_linear(head[-1], ref_gelu(ref_linear(head[0], h)))[:, 0]
+        assert_close(out.actions[:, i // A, i % A], want, TOL64, f"query {i} -> pred[:, {i // A}, {i % A}]")
+    l1 = (out.actions.double() - actions).abs().mean()
+    assert abs(out.loss.item() - l1.item()) < 1e-6, f"expected the L1 loss (mean |pred - actions|) {l1.item():.8f}, got {out.loss.item():.8f}"
+
+
+def test_model_forward_matches_naive_decoder_on_the_embedded_sequence():
+    cfg = small_cfg(mask_kind="catten")
+    model = make_naive_model(cfg)
+    for i, layer in enumerate(model.llm.layers):   # non-trivial router FiLM
+        if isinstance(layer, cm.LFPDecoderLayer):
+            randomize_router_(layer.router, 400 + i)
+    images, text_ids, state, _ = naive_inputs(cfg)
+    with torch.no_grad():
+        seq = model.embed(images, text_ids, state)
+        out = model(images, text_ids, state)
+        hidden = ref_decoder(model.llm, seq, cfg, prune=True)
+    head = model.action_head
+    want = ref_linear(head[-1], ref_gelu(ref_linear(head[0], hidden[:, -cfg.n_queries:])))[..., 0]
+    assert_close(out.actions.reshape(2, -1), want, TOL32, "model actions vs naive decoder + head")
+
+
+# =============================================================================== accounting
+
+def split_flops(counts):
+    """FlopCounterMode's per-module counts -> (projection matmuls, attention QK^T and AV matmuls)."""
+    leaf = lambda name: name.split(".")[-1]
+    total = lambda d: sum(d.values())
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    linear = sum(total(d) for name, d in counts.items() if leaf(name) in projections)
+    attn_module = [total(d) for name, d in counts.items() if leaf(name) in ("self_attn", "Attention")]
+    assert len(attn_module) == 1, f"expected one attention module in the FLOP counts, got {list(counts)}"
+    qkvo = sum(total(d) for name, d in counts.items() if leaf(name) in projections[:4])
+    return linear, attn_module[0] - qkvo
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_accounting_attn_and_linear_flops_equal_counted_flops_dense_and_lfp(B):
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    llm = cm.LlamaDecoder(cfg)
+    x = torch.randn(B, cfg.seq_len, cfg.d_model, generator=gen(31))
+    pos = torch.arange(cfg.seq_len)[None]
+    cos, sin = llm.rotary_emb(pos, x.dtype)
+    acc = cm.account(cfg, batch_size=B)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            llm.layers[0](x, cos, sin, torch.tril(torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool))[None, None])
+        dense = split_flops(fc.get_flop_counts())
+        with FlopCounterMode(display=False) as fc:
+            llm.layers[1].forward_lfp(x, pos, llm.rotary_emb)
+        lfp = split_flops(fc.get_flop_counts())
+        # The router's own entry (named by its class when forward_lfp is called directly) holds its submodules'.
+        router = sum(sum(d.values()) for name, d in fc.get_flop_counts().items() if name.split(".")[-1] in ("router", "Router"))
+    K = ref_n_kept(cfg, cfg.lfp_ratios[1])
+    for c, (linear, attn), tokens, what in ((acc.layers[0], dense, cfg.seq_len, "dense layer 0"),
+                                            (acc.layers[1], lfp, K, "LFP layer 1 block")):
+        assert c.tokens == tokens, f"{what}: expected {tokens} tokens, got {c.tokens}"
+        assert c.linear_flops == linear, f"{what}: counted {linear} projection FLOPs, account says {c.linear_flops}"
+        assert c.attn_flops == attn, f"{what}: counted {attn} QK^T+AV FLOPs, account says {c.attn_flops}"
+    assert acc.layers[1].router_flops == router, f"LFP layer 1: counted {router} router FLOPs, account says {acc.layers[1].router_flops}"
+    assert acc.dense[1].attn_flops == dense[1] and acc.dense[1].linear_flops == dense[0], \
+        "the dense column of layer 1: expected the dense layer's counted FLOPs"
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def bad(model, what):
@@ -479,6 +1221,10 @@ def bad(model, what):
         actions = actions[:, :9]
     elif what == "batch sizes":
         state = state[:1]
+    elif what == "nan image":
+        images[1, 2, 0, 5, 5] = float("nan")
+    elif what == "inf state":
+        state[0, 1] = float("inf")
     return images, text_ids, state, actions
 
 
@@ -492,6 +1238,8 @@ def bad(model, what):
     ("state shape", r"state: expected \[B, 3\], got \[2, 2\]"),
     ("action shape", r"actions: expected \[B, 10, 4\], got \[2, 9, 4\]"),
     ("batch sizes", r"batch sizes disagree: .*'state': 1"),
+    ("nan image", r"images: expected finite values, got 1 inf or NaN"),
+    ("inf state", r"state: expected finite values, got 1 inf or NaN"),
 ])
 def test_bad_input_gets_a_value_error_saying_what_was_expected(tiny, what, message):
     with pytest.raises(ValueError, match=message):
@@ -506,7 +1254,7 @@ def test_bad_input_gets_a_value_error_saying_what_was_expected(tiny, what, messa
     (dict(schedule={32: 0.5}), r"LFP layer index must be an int in \[0, 32\), got 32"),
     (dict(schedule={-1: 0.5}), r"got -1"),
     (dict(n_layers=8), '"seed" is defined for 32 layers, got n_layers=8; use "shiftedcos_decay'),
-    (dict(attn_impl="flash_attention_2"), "attn_impl 'math', 'sdpa' or 'flash'"),
+    (dict(attn_impl="flash"), "attn_impl 'math', 'sdpa' or 'sdpa_causal'"),
     (dict(mask_kind="bidirectional"), "mask_kind 'causal' or 'catten'"),
     (dict(position_mode="absolute"), "position_mode 'reindex' or 'original'"),
     (dict(d_model=66), "d_model divisible by n_heads"),
@@ -576,7 +1324,7 @@ def test_a_tiny_model_overfits_one_batch():
 
 # ----------------------------------------------------------------------------- the toy trainer
 
-TOY_ARGS = ["--batch-size", "4", "--eval-size", "4", "--log-every", "1", "--lr", "3e-3"]
+TOY_ARGS = ["--batch-size", "4", "--eval-size", "4", "--log-every", "1"]
 
 
 def test_toy_targets_end_at_the_named_block_drawn_in_its_colour():
@@ -627,6 +1375,8 @@ def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
     train_toy.main(["--steps", "20", "--no-maps"] + TOY_ARGS, log=lines.append)
     losses = [float(l.split("loss ")[1].split()[0]) for l in lines if " loss " in l]
     assert len(losses) == 20
+    curve = [l for l in lines if "held-out" in l]
+    assert len(curve) == 1 and "step    20/20" in curve[0] and "nearest" in curve[0]   # --eval-every 50: the last step
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
     result = json.loads(lines[-1])
     assert result["mode"] == "lfp" and result["steps"] == 20
@@ -634,6 +1384,20 @@ def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
     assert set(result["kept_share"]) == set(result["kept_share_other"]) == set(result["chance"]) \
         == {"1", "2", "3", "4", "5", "6"}
     assert result["chance"]["6"] == pytest.approx(int(192 * 0.2) / 192, abs=1e-4)
+
+
+def test_toy_grounding_loss_reaches_the_vision_tower_and_never_the_decoder_or_its_routers():
+    torch.manual_seed(0)
+    policy = train_toy.ToyPolicy(train_toy.toy_config())
+    randomize_films(policy.vla, router=False)          # so the instruction reaches the vision tokens
+    _, ground = policy(train_toy.make_batch(2, seed=3), prune=True, ground=True)
+    ground.backward()
+    grads = {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in policy.named_parameters()}
+    reached = {n for n, g in grads.items() if g}
+    assert "probe.weight" in reached and "vla.llm.embed_tokens.weight" in reached   # the instruction's words
+    # (the fusion MLP's first layer gets none yet: its output layer starts at zero)
+    assert {n for n in grads if n.startswith("vla.vision.") and ".fusion.0." not in n} <= reached
+    assert not {n for n in reached if n.startswith(("vla.llm.layers.", "vla.llm.norm", "vla.action", "vla.state"))}
 
 
 def test_toy_keep_maps_mark_the_named_blocks_patches():
@@ -650,63 +1414,181 @@ def checkpoint_weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_toy_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, monkeypatch):
-    args = ["--steps", "4", "--save-every", "2", "--no-maps"] + TOY_ARGS
-    train_toy.main(args + ["--out", str(tmp_path / "a")], log=lambda *_: None)
+def sigint_during(monkeypatch, where):
+    """Send a real Ctrl-C (SIGINT) to this process once, at step 2, from inside `where`."""
+    state = {"sent": False}
 
-    real = train_toy.make_batch
+    def fire():
+        if not state["sent"]:
+            state["sent"] = True
+            os.kill(os.getpid(), signal.SIGINT)
 
-    def interrupted(batch_size, seed, **kw):   # Ctrl-C while step 3's batch is made (seed 0: step k has seed k)
-        if seed == 3:
-            raise KeyboardInterrupt
-        return real(batch_size, seed, **kw)
+    if where == "make_batch":                    # while step 2's batch is made (seed 0: step k has seed k)
+        real = train_toy.make_batch
+        monkeypatch.setattr(train_toy, "make_batch",
+                            lambda n, seed, **kw: (fire() if seed == 2 else None) or real(n, seed, **kw))
+    else:                                        # inside the forward pass, or inside optimizer.step()
+        target = train_toy.ToyPolicy if where == "forward" else torch.optim.AdamW
+        name = "forward" if where == "forward" else "step"
+        real, calls = getattr(target, name), []
 
-    monkeypatch.setattr(train_toy, "make_batch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_toy.main(args + ["--out", str(tmp_path / "b")], log=lambda *_: None)
-    assert checkpoint_weights(tmp_path / "b" / "lfp.pt")["step"] == 3
-    monkeypatch.setattr(train_toy, "make_batch", real)
+        def wrapped(self, *a, **kw):
+            calls.append(1)
+            if len(calls) == 3:                  # the third call: step 2
+                fire()
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(target, name, wrapped)
+
+
+CTRL_C_ARGS = ["--steps", "4", "--save-every", "2", "--no-maps"] + TOY_ARGS
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The checkpoint of a 4-step run that nobody interrupted."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train_toy.main(CTRL_C_ARGS + ["--out", str(out)], log=lambda *_: None)
+    return checkpoint_weights(out / "lfp.pt")
+
+
+@pytest.mark.parametrize("where", ["make_batch", "forward", "optimizer_step"])
+def test_toy_resume_after_ctrl_c_anywhere_ends_with_the_same_weights(tmp_path, monkeypatch, where, uninterrupted):
+    args = CTRL_C_ARGS
+    with monkeypatch.context() as patch:
+        sigint_during(patch, where)
+        with pytest.raises(KeyboardInterrupt):
+            train_toy.main(args + ["--out", str(tmp_path / "b")], log=lambda *_: None)
+    # Ctrl-C inside step 2's optimizer step lets that step finish: 3 steps are done, and saved as 3.
+    assert checkpoint_weights(tmp_path / "b" / "lfp.pt")["step"] == (3 if where == "optimizer_step" else 2)
     train_toy.main(args + ["--out", str(tmp_path / "b"), "--resume"], log=lambda *_: None)
 
-    a, b = checkpoint_weights(tmp_path / "a" / "lfp.pt"), checkpoint_weights(tmp_path / "b" / "lfp.pt")
+    a, b = uninterrupted, checkpoint_weights(tmp_path / "b" / "lfp.pt")
     assert a["step"] == b["step"] == 4
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+               for i in a["optimizer"]["state"])
     assert not os.path.exists(tmp_path / "b" / "lfp.pt.tmp")
+
+
+def poison_weights_after_step(monkeypatch, n):
+    """The model diverges: after the n-th optimizer step its first parameter (CogVLA's state_embed) is NaN."""
+    real, calls = torch.optim.AdamW.step, []
+
+    def step(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == n:
+            self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
 @pytest.mark.parametrize("dense, cause", [(True, "non-finite loss nan"), (False, "LFP layer 1: inf or NaN")])
 def test_toy_non_finite_values_stop_naming_the_step_and_keep_the_last_checkpoint(tmp_path, monkeypatch, dense, cause):
-    real = train_toy.make_batch
-
-    def poisoned(batch_size, seed, **kw):
-        batch = real(batch_size, seed, **kw)
-        if batch_size == 4 and seed == 4:       # the 5th training batch (seed 0: step k has seed k)
-            batch["state"][0, 0] = float("nan")
-        return batch
-
-    monkeypatch.setattr(train_toy, "make_batch", poisoned)
+    # From step 4 on the state tokens are NaN, and so is every action query that reads them.
+    poison_weights_after_step(monkeypatch, 4)
     with pytest.raises(FloatingPointError, match=f"stopping at step 4: {cause}.*last good checkpoint"):
         train_toy.main(["--steps", "8", "--save-every", "2", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS
                        + (["--dense"] if dense else []), log=lambda *_: None)
     assert checkpoint_weights(tmp_path / ("dense.pt" if dense else "lfp.pt"))["step"] == 4
 
 
-def test_toy_resume_refuses_other_flags(tmp_path):
+def test_toy_resume_refuses_other_flags_and_another_process_count(tmp_path, capsys):
     train_toy.main(["--steps", "1", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS, log=lambda *_: None)
     with pytest.raises(SystemExit, match="--seed=0, this run has 1"):
         train_toy.main(["--steps", "1", "--seed", "1", "--out", str(tmp_path), "--resume"] + TOY_ARGS,
                        log=lambda *_: None)
+    policy, args = train_toy.ToyPolicy(train_toy.toy_config()), train_toy.parse_args(["--steps", "1"] + TOY_ARGS)
+    optimizer = torch.optim.AdamW(policy.parameters())
+    with pytest.raises(SystemExit, match="made by 1 process\\(es\\), this run has 2"):
+        train_toy.load_checkpoint(str(tmp_path / "lfp.pt"), policy, optimizer, args, world=2)
+    with pytest.raises(SystemExit):
+        train_toy.parse_args(["--resume"])
+    assert "--resume needs --out DIR" in capsys.readouterr().err
 
 
-def test_toy_trains_with_two_processes_under_torchrun():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "train_toy.py", "--steps", "2", "--no-maps"] + TOY_ARGS,
-        capture_output=True, text=True, timeout=120, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    json_lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    assert len(json_lines) == 1                                 # rank 0 alone prints
-    assert json.loads(json_lines[0])["steps"] == 2
-    assert "2 process(es)" in proc.stdout
+class FixedActions(torch.nn.Module):
+    """Stands in for the model in `evaluate`: returns the given action chunks, whatever the input."""
+
+    def __init__(self, cfg, actions):
+        super().__init__()
+        self.cfg, self.chunks = cfg, actions
+
+    def forward(self, images, text_ids, state, actions=None, prune=True):
+        return cm.CogVLAOutput(self.chunks.clone(), None, [])
+
+
+def test_toy_evaluation_scores_where_the_gripper_ends():
+    data = train_toy.make_batch(16, seed=21)
+    cfg = train_toy.toy_config()
+    exact = train_toy.evaluate(FixedActions(cfg, data["actions"]), data, prune=False, device="cpu")
+    assert (exact["l1"], exact["nearest"], exact["success"], exact["success_015"]) == (0, 1, 1, 1)
+    # Aim at the next block instead: never nearest the named one, never within 0.25 of it.
+    other = data["blocks"][torch.arange(16), (data["target"] + 1) % 3]                  # [B, 3]
+    steps = ((other - data["state"]) / 10 / train_toy.STEP_SCALE)[:, None].expand(16, 10, 3)
+    wrong = torch.cat([steps, data["actions"][..., 3:]], dim=-1)
+    missed = train_toy.evaluate(FixedActions(cfg, wrong), data, prune=False, device="cpu")
+    assert (missed["nearest"], missed["success"], missed["success_015"]) == (0, 0, 0)
+    # Halfway there: a success exactly where the half left over is under 0.25.
+    half = torch.cat([data["actions"][..., :3] / 2, data["actions"][..., 3:]], dim=-1)
+    short = (data["goal"] - data["state"]).norm(dim=-1) / 2                            # [B] distance left
+    halfway = train_toy.evaluate(FixedActions(cfg, half), data, prune=False, device="cpu")
+    assert halfway["success"] == pytest.approx(float((short < 0.25).float().mean()), abs=1e-4)
+
+
+def test_toy_evaluation_with_aggregation_tokens_reports_no_keep_shares():
+    cfg = dataclasses.replace(train_toy.toy_config("agg"), n_agg_tokens=32)
+    metrics = train_toy.evaluate(CogVLA(cfg), train_toy.make_batch(4, seed=1), prune=True, device="cpu")
+    assert metrics["kept_share"] is None and metrics["kept_share_other"] is None
+    assert 0 <= metrics["nearest"] <= 1
+
+
+POISONED_RANK_1 = """
+import os, sys, train_toy
+real_make_batch, real_train, mode = train_toy.make_batch, train_toy.train, {}
+
+def train(args, dense, *rest, **kw):            # note which mode is training
+    mode["dense"] = dense
+    return real_train(args, dense, *rest, **kw)
+
+def make_batch(n, seed, **kw):
+    batch = real_make_batch(n, seed, **kw)
+    if not mode.get("dense", True) and seed == 2 * 2 + 1:   # LFP, step 2 of rank 1 (seed 0, 2 processes)
+        batch["actions"][0, 0, 0] = float("nan")
+    return batch
+
+train_toy.train, train_toy.make_batch = train, make_batch
+try:
+    train_toy.main()
+except FloatingPointError as err:      # each rank writes its own file: their stdouts interleave
+    with open(os.path.join(os.environ["STOP_DIR"], "rank" + os.environ["RANK"]), "w") as f:
+        f.write(str(err))
+    sys.exit(3)
+"""
+
+
+def test_toy_trains_with_two_processes_and_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """One torchrun launch, two claims: `--compare` trains dense to the end with 2 processes
+    (rank 0 alone prints), then a NaN in the LFP run's batch on rank 1 alone stops both ranks
+    at that step with the same message, instead of leaving rank 0 waiting in the all-reduce."""
+    script = tmp_path / "poisoned.py"
+    script.write_text(POISONED_RANK_1)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here, "STOP_DIR": str(tmp_path)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(script), "--compare", "--steps", "3", "--no-maps"] + TOY_ARGS,
+            capture_output=True, text=True, timeout=90, env=env, cwd=here)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a NaN on rank 1 left the ranks waiting for each other (no exit within 90 s)")
+    out = proc.stdout
+    assert "[dense] step     3/3" in out and out.count("[dense] step     3/3") == 1, out[-2000:]   # rank 0 alone prints
+    assert "2 process(es)" in out
+    assert proc.returncode != 0
+    stopped = [(tmp_path / f"rank{r}").read_text() for r in (0, 1) if (tmp_path / f"rank{r}").exists()]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], out[-2000:] + proc.stderr[-2000:]
+    assert stopped[0].startswith("[lfp] stopping at step 2: rank 1: non-finite loss nan")
