@@ -685,7 +685,7 @@ def ref_select(keep_prob_row, k, cfg):
     vision = sorted(range(cfg.vision_start, cfg.text_start), key=lambda t: -float(keep_prob_row[t].detach()))
     n = k - len(forced)
     if 0 < n < len(vision):   # the test's own setup must leave no near-tie at the cut
-        gap = float(keep_prob_row[vision[n - 1]] - keep_prob_row[vision[n]])
+        gap = float((keep_prob_row[vision[n - 1]] - keep_prob_row[vision[n]]).detach())
         assert gap > 1e-5, f"test setup: keep probabilities tie at the top-k cut (gap {gap:.2g}); change the seed"
     return sorted(forced + vision[:n])
 
