@@ -463,8 +463,9 @@ class LlamaDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        ratios = cfg.lfp_ratios                                           # derived on each read: read once
         self.layers = nn.ModuleList(
-            LFPDecoderLayer(cfg, i) if i in cfg.lfp_ratios else DecoderLayer(cfg) for i in range(cfg.n_layers))
+            LFPDecoderLayer(cfg, i) if i in ratios else DecoderLayer(cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
@@ -473,7 +474,8 @@ class LlamaDecoder(nn.Module):
         to receive one LFPRecord per LFP layer that ran."""
         cfg = self.cfg
         B, N, D = embeds.shape
-        prune = prune and bool(cfg.lfp_ratios)
+        ratios = cfg.lfp_ratios
+        prune = prune and bool(ratios)
         if prune and cfg.attn_impl == "sdpa_causal":
             # Like flash-attention kernels, is_causal takes no mask; an LFP layer needs its
             # gathered one (the seed's FAQ: gather/scatter conflicts with flash-attn).
@@ -483,9 +485,9 @@ class LlamaDecoder(nn.Module):
         if cfg.attn_impl == "sdpa_causal" and cfg.mask_kind != "causal":
             raise ValueError(f'attn_impl="sdpa_causal" can only be causal, got mask_kind={cfg.mask_kind!r}')
         built = {i: layer.ratio for i, layer in enumerate(self.layers) if isinstance(layer, LFPDecoderLayer)}
-        if prune and built != cfg.lfp_ratios:
+        if prune and built != ratios:
             raise ValueError(f"cfg.schedule was changed after this model was built: its LFP layers keep {built}, "
-                             f"the config now says {cfg.lfp_ratios}; build a new model for the new schedule")
+                             f"the config now says {ratios}; build a new model for the new schedule")
         if (prune or cfg.mask_kind == "catten") and N != cfg.seq_len:
             raise ValueError(f"LFP and catten need the config's layout: expected {cfg.seq_len} tokens, got {N}")
         all_tokens = torch.arange(N, device=embeds.device)[None]          # [1, N]
@@ -786,10 +788,10 @@ def account(cfg: CogVLAConfig, batch_size: int = 1, bytes_per_value: int = 2,
                          2.0 * tokens * weights * batch_size, router * batch_size,
                          2.0 * tokens * d_kv * bytes_per_value * batch_size)
 
-    layers, current = [], N
+    layers, current, ratios = [], N, cfg.lfp_ratios
     for l in range(L):
-        if l in cfg.lfp_ratios:
-            current = n_kept_tokens(cfg, cfg.lfp_ratios[l])
+        if l in ratios:
+            current = n_kept_tokens(cfg, ratios[l])
             layers.append(cost(l, current, True))
         else:
             layers.append(cost(l, current if pruning_persists else N, False))
