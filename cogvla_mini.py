@@ -167,10 +167,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        # --- exercise rmsnorm: begin ---
         # Normalise in float32 (bf16 squares overflow precision), cast back, then scale.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+        # --- exercise rmsnorm: end ---
 
 
 class RotaryEmbedding(nn.Module):
@@ -181,6 +183,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta = head_dim, theta
 
     def forward(self, position_ids, dtype):
+        # --- exercise rope: begin ---
         # Frequencies and angles in float32 whatever the model's dtype (as transformers does): in
         # bf16 the fast frequencies round by up to ~0.2%, 0.3 rad at position 255. Computing
         # them here, not keeping a buffer, means model.to(torch.bfloat16) cannot round them.
@@ -189,16 +192,21 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids.float()[..., None] * inv_freq                    # [B, N, Dh/2]
         angles = torch.cat([freqs, freqs], dim=-1)                            # [B, N, Dh]  rotate-half layout
         return angles.cos().to(dtype), angles.sin().to(dtype)
+        # --- exercise rope: end ---
 
 
 def rotate_half(x):
+    # --- exercise rope: begin ---
     x1, x2 = x.chunk(2, dim=-1)          # [..., Dh/2] each
     return torch.cat([-x2, x1], dim=-1)  # [..., Dh]
+    # --- exercise rope: end ---
 
 
 def apply_rope(x, cos, sin):
+    # --- exercise rope: begin ---
     # x [B, H, N, Dh]; cos, sin [B, N, Dh] -> one copy per head
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    # --- exercise rope: end ---
 
 
 class Attention(nn.Module):
@@ -213,6 +221,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask):
         """mask: [B or 1, 1, N, N], bool ("may attend") or additive float; None for "sdpa_causal"."""
+        # --- exercise attention: begin ---
         cfg = self.cfg
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=cfg.n_heads)     # [B, H, N, Dh]
         k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=cfg.n_kv_heads)  # [B, Hkv, N, Dh]
@@ -236,6 +245,7 @@ class Attention(nn.Module):
         else:  # "sdpa_causal": the kernel builds the causal pattern itself and takes no mask tensor
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)        # [B, H, N, Dh]
         return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))               # [B, N, D]
+        # --- exercise attention: end ---
 
 
 class MLP(nn.Module):
@@ -246,7 +256,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
+        # --- exercise swiglu: begin ---
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU, [B, N, D]
+        # --- exercise swiglu: end ---
 
 
 class DecoderLayer(nn.Module):
@@ -274,6 +286,7 @@ def attention_mask(cfg: CogVLAConfig, token_idx):
     token_idx [B or 1, K]: row i (query) may see column j (key). For the whole sequence pass
     arange(N); for an LFP layer pass its kept indices, and the result equals the kept rows and
     columns of the N x N mask (Phase 3) without building or gathering that one (see gather_mask)."""
+    # --- exercise causal_mask: begin ---
     q, k = token_idx[:, :, None], token_idx[:, None, :]                   # [B, K, 1], [B, 1, K]
     allowed = k <= q                                                      # [B, K, K] causal
     if cfg.mask_kind == "catten":
@@ -281,6 +294,7 @@ def attention_mask(cfg: CogVLAConfig, token_idx):
         # still never see it (their rows keep the causal zeros).
         allowed = allowed | ((q >= cfg.action_start) & (k >= cfg.action_start))  # [B, K, K]
     return allowed[:, None]                                               # [B, 1, K, K]
+    # --- exercise causal_mask: end ---
 
 
 # %% ====================================================================================
@@ -289,7 +303,9 @@ def attention_mask(cfg: CogVLAConfig, token_idx):
 
 def shifted_cos_with_ratio(average: float, layer: int, n_layers: int) -> float:
     """The reference's keep ratio: high in shallow layers, low in deep ones, mean `average`."""
+    # --- exercise schedule: begin ---
     return math.cos(layer * math.pi / (n_layers - 1)) / 2 + average
+    # --- exercise schedule: end ---
 
 
 def shifted_linear_with_ratio(average: float, layer: int, n_layers: int) -> float:
@@ -322,8 +338,10 @@ def lfp_schedule(cfg: CogVLAConfig) -> dict[int, float]:
         if not 0 < floor <= top <= 1:
             raise ValueError(f"schedule {s!r}: expected 0 < min <= max <= 1, got max={top}, min={floor}")
         curve = shifted_cos_with_ratio if kind == "shiftedcos" else shifted_linear_with_ratio
+        # --- exercise schedule: begin ---
         # The reference's rule: a layer prunes where the curve is at or below `max`; the ratio is floored at `min`.
         table = {l: max(r, floor) for l in range(L) if (r := curve(cfg.lfp_average, l, L)) <= top}
+        # --- exercise schedule: end ---
     else:
         raise ValueError(f'unknown schedule {s!r}: expected "seed", "shiftedcos_decay_<max>_<min>", '
                          f'"shiftedlinear_decay_<max>_<min>" or a {{layer: ratio}} dict')
@@ -355,6 +373,7 @@ class Router(nn.Module):
 
     def forward(self, h):
         """h: the layer's normalised input [B, N, D] -> keep probability [B, N]."""
+        # --- exercise router: begin ---
         cfg = self.cfg
         logits = self.score(h)                                                # [B, N, 2] [drop, keep]
         if cfg.router_film:
@@ -369,36 +388,45 @@ class Router(nn.Module):
             logits = torch.cat([logits[:, :cfg.vision_start], self.score(vision),
                                 logits[:, cfg.text_start:]], dim=1)          # [B, N, 2]
         return logits.softmax(dim=-1)[..., 1]                                 # [B, N] keep probability
+        # --- exercise router: end ---
 
 
 def select(keep_prob, k: int, cfg: CogVLAConfig):
     """Phase 2: the k best tokens, BOS, text and action forced in, in sequence order -> [B, K]."""
+    # --- exercise select: begin ---
     force = torch.zeros_like(keep_prob[0])                                # [N]
     force[:cfg.vision_start] = float("inf")                               # BOS
     force[cfg.text_start:] = float("inf")                                 # text and action segment
     idx = (keep_prob + force).topk(k, dim=-1).indices                     # [B, K] by score
     return idx.sort(dim=-1).values                                        # [B, K] by position
+    # --- exercise select: end ---
 
 
 def gather_tokens(x, idx):
     """Phase 3: rows idx of x [B, N, D] -> [B, K, D]."""
+    # --- exercise gather_scatter: begin ---
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))        # [B, K, D]
+    # --- exercise gather_scatter: end ---
 
 
 def gather_mask(mask, idx):
     """Phase 3 as the seed writes it: the kept rows, then the kept columns, of the full mask
     [B or 1, 1, N, N] -> [B, 1, K, K]. The LFP layer builds the same mask straight from the kept
     indices with attention_mask(cfg, idx), which is cheaper; a test proves the two equal."""
+    # --- exercise gather_scatter: begin ---
     B, K, N = idx.shape[0], idx.shape[1], mask.shape[-1]
     mask = mask.expand(B, -1, -1, -1)                                     # [B, 1, N, N]
     rows = mask.gather(2, idx[:, None, :, None].expand(-1, 1, -1, N))     # [B, 1, K, N]
     return rows.gather(3, idx[:, None, None, :].expand(-1, 1, K, -1))     # [B, 1, K, K]
+    # --- exercise gather_scatter: end ---
 
 
 def scatter_tokens(x, idx, y):
     """Phase 5: put the kept tokens' new values y [B, K, D] back into x [B, N, D].
     `scatter`, not `scatter_add`: y already holds the residual, adding would count x twice."""
+    # --- exercise gather_scatter: begin ---
     return x.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), y.to(x.dtype))  # [B, N, D]
+    # --- exercise gather_scatter: end ---
 
 
 @dataclass
@@ -419,6 +447,7 @@ class LFPDecoderLayer(DecoderLayer):
         self.router = Router(cfg)
 
     def forward_lfp(self, x, position_ids, rope, records=None):
+        # --- exercise lfp_layer: begin ---
         B, N, D = x.shape
         # Phase 1: score. The router reads the block's own input norm, so it is computed once
         # for all N tokens and the block reuses the kept rows (RMSNorm works token by token).
@@ -449,6 +478,7 @@ class LFPDecoderLayer(DecoderLayer):
         if records is not None:
             records.append(LFPRecord(self.layer, idx.detach(), keep_prob.detach()))
         return out  # Phase 6: the next layer sees all N tokens again
+        # --- exercise lfp_layer: end ---
 
 
 # %% ====================================================================================
@@ -524,6 +554,7 @@ class ViTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x, cond):
+        # --- exercise vit_film: begin ---
         q, k, v = rearrange(self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d",
                             three=3, h=self.heads)                          # [B', h, n, d] each
         attn = F.scaled_dot_product_attention(q, k, v)                      # bidirectional, [B', h, n, d]
@@ -531,6 +562,7 @@ class ViTBlock(nn.Module):
         gamma, beta = self.film_scale(cond), self.film_shift(cond)          # [B', Dv] each
         x = x * (1 + gamma[:, None]) + beta[:, None]                        # [B', n, Dv]
         return x + self.mlp(self.norm2(x))
+        # --- exercise vit_film: end ---
 
 
 class ViT(nn.Module):
@@ -593,8 +625,10 @@ class VisionTower(nn.Module):
         cond = repeat(instruction, "b d -> (b i) d", i=n_img)                     # [B I, D]
         dino = self.dino_proj(self.dino(flat, cond))                              # [B I, G, D]
         siglip = self.siglip_proj(self.siglip(flat, cond))                        # [B I, G, D]
+        # --- exercise fusion: begin ---
         weights = repeat(self.fusion(instruction).softmax(-1), "b e -> (b i) e", i=n_img)  # [B I, 2]
         fused = weights[:, 0, None, None] * dino + weights[:, 1, None, None] * siglip      # [B I, G, D]
+        # --- exercise fusion: end ---
         return rearrange(fused, "(b i) g d -> b (i g) d", i=n_img)                # [B, V, D]
 
 
