@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import traceback
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,7 @@ EXERCISES = {
         "instruction-weighted mixture of encoders", ("vit_film",), 10),
 }
 
-EXERCISE_STUB = re.compile(r"exercise (\w+): not started")      # the message a handout's stub raises
+EXERCISE_STUB = re.compile(r"exercise (\w+): not started( \(\w[\w.]*\))?")  # what a handout's stub raises
 
 
 def exercise(ex_id):
@@ -157,10 +158,11 @@ def stubs_block(own=None):
         if stub is None:
             raise
         # `from None`: the report shows this message alone, not the stub's traceback before it.
+        where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"   # the function the stub stands in
         if stub[1] == own:
-            raise pytest.fail.Exception(f"exercise {own}: not started (its stub in cogvla_mini.py raises "
+            raise pytest.fail.Exception(f"exercise {own}: not started (the stub in {where} raises "
                                         f"NotImplementedError)", pytrace=False) from None
-        raise pytest.skip.Exception(f"blocked by exercise {stub[1]} (not started)") from None
+        raise pytest.skip.Exception(f"blocked by exercise {stub[1]}: {where} not started") from None
 
 
 def graded(test):
@@ -176,14 +178,15 @@ def graded(test):
             except AssertionError as err:
                 if own is None:
                     raise
-                raise pytest.fail.Exception(f"exercise {own}: {err}", pytrace=False) from None
+                # Under `grade` asserts are plain: one without a message is shown as its line of code.
+                message = str(err) or f"failed: {traceback.extract_tb(err.__traceback__)[-1].line}"
+                raise pytest.fail.Exception(f"exercise {own}: {message}", pytrace=False) from None
     return run
 
 
 def stubs_left():
     """The exercises whose stub is still in cogvla_mini.py (for tests that run it in a subprocess)."""
-    source = open(cm.__file__).read()
-    return sorted(set(re.findall(r'raise NotImplementedError\("exercise (\w+): not started', source)))
+    return stubs_in(open(cm.__file__).read())
 
 
 def skip_if_stubs_left():
@@ -316,8 +319,9 @@ def test_seed_formula_gives_the_values_spec_states():
         "cos(layer pi / n_layers): n_layers - 1 is the last layer":
             lambda: torch.tensor([math.cos(l * math.pi / 32) / 2 + 0.5 for l in SEED_LAYERS]),
         "the cosine not halved": lambda: torch.tensor([math.cos(l * math.pi / 31) + 0.5 for l in SEED_LAYERS])})
-    assert cm.shifted_linear_with_ratio(0.5, 0, 32) == 1.0
-    assert cm.shifted_linear_with_ratio(0.5, 31, 32) == 0.0
+    for layer, want in ((0, 1.0), (31, 0.0)):
+        got = cm.shifted_linear_with_ratio(0.5, layer, 32)
+        assert got == want, f"shifted_linear_with_ratio(0.5, {layer}, 32): expected {want}, got {got}"
 
 
 @exercise("schedule")
@@ -341,8 +345,7 @@ def test_reference_schedule_prunes_layers_8_to_31_floored_at_0_15():
         want = max(curve[layer], 0.15)
         assert abs(ratio - want) < 1e-12, (f"layer {layer}: expected ratio max(cos({layer} pi / 31) / 2 + 0.5, 0.15) "
                                            f"= {want:.6f}, got {ratio:.6f}" + (f"\n  likely mistake: {named[0]}" if named else ""))
-    assert min(got.values()) == 0.15
-    assert math.cos(7 * math.pi / 31) / 2 + 0.5 > 0.85   # why layer 7 does not prune
+    assert math.cos(7 * math.pi / 31) / 2 + 0.5 > 0.85   # why layer 7 does not prune (a check of this test)
 
 
 def test_reference_ratios_prune_where_they_say_in_a_forward():
@@ -356,18 +359,20 @@ def test_reference_ratios_prune_where_they_say_in_a_forward():
 
 @exercise("schedule")
 def test_linear_schedule_follows_its_formula():
-    cfg = CogVLAConfig.tiny(schedule="shiftedlinear_decay_0.85_0.15")
+    got = CogVLAConfig.tiny(schedule="shiftedlinear_decay_0.85_0.15").lfp_ratios
     # 1 - l/31 <= 0.85 from layer 5 on; below 0.15 from layer 27 on
-    assert list(cfg.lfp_ratios) == list(range(5, 32))
-    assert cfg.lfp_ratios[5] == pytest.approx(1 - 5 / 31)
-    assert [cfg.lfp_ratios[l] for l in range(27, 32)] == [0.15] * 5
+    want = {l: max(1 - l / 31, 0.15) for l in range(5, 32)}
+    assert list(got) == list(want), f"shiftedlinear_decay_0.85_0.15: expected LFP at layers 5..31, got {list(got)}"
+    for layer, ratio in got.items():
+        assert abs(ratio - want[layer]) < 1e-12, f"shiftedlinear layer {layer}: expected {want[layer]:.6f}, got {ratio:.6f}"
 
 
 @exercise("schedule")
 def test_average_ratio_shifts_the_schedule():
     lo = CogVLAConfig.tiny(schedule="shiftedcos_decay_0.85_0.15", lfp_average=0.4).lfp_ratios
     hi = CogVLAConfig.tiny(schedule="shiftedcos_decay_0.85_0.15", lfp_average=0.6).lfp_ratios
-    assert min(lo) < min(hi)   # a lower average starts pruning earlier
+    assert min(lo) < min(hi), (f"lfp_average 0.4 lowers the curve, so pruning must start earlier than with 0.6: "
+                               f"first LFP layer {min(lo)} vs {min(hi)}")
 
 
 def test_config_edited_after_it_is_made_is_used_and_a_built_model_refuses_it():
@@ -649,9 +654,13 @@ def test_rope_score_depends_only_on_the_position_offset():
         ck, sk = rope(torch.tensor([[n]]), torch.float32)
         return (cm.apply_rope(q, cq, sq) * cm.apply_rope(k, ck, sk)).sum().item()
 
-    assert score(7, 3) == pytest.approx(score(107, 103), abs=1e-4)
-    assert score(7, 3) == pytest.approx(score(4, 0), abs=1e-4)
-    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
+    what = "q.k after RoPE at positions (m, n) must depend on m - n only"
+    assert score(7, 3) == pytest.approx(score(107, 103), abs=1e-4), \
+        f"{what}: (7, 3) gives {score(7, 3):.5f}, (107, 103) gives {score(107, 103):.5f}"
+    assert score(7, 3) == pytest.approx(score(4, 0), abs=1e-4), \
+        f"{what}: (7, 3) gives {score(7, 3):.5f}, (4, 0) gives {score(4, 0):.5f}"
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3), \
+        f"{what}, and change with it: (7, 3) and (7, 4) both give {score(7, 3):.5f}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -694,14 +703,17 @@ def test_rope_stays_float32_inside_a_bf16_model():
     rope = cm.LlamaDecoder(cfg).to(torch.bfloat16).rotary_emb
     pos = torch.arange(256)[None]
     cos, sin = rope(pos, torch.bfloat16)
-    assert cos.dtype == sin.dtype == torch.bfloat16
+    assert cos.dtype == sin.dtype == torch.bfloat16, \
+        f"rope(positions, torch.bfloat16): expected cos and sin in bfloat16 (cast at the end), got {cos.dtype}, {sin.dtype}"
     # Independent float64 angles: position x theta^(-2i/Dh), in the rotate-half layout.
     inv_freq = cfg.rope_theta ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
     angles = (pos[0, :, None].double() * inv_freq).repeat(1, 2)                 # [N, Dh]
     # Only the final cast may round: bf16 keeps 8 bits, so |error| <= 2^-8 of a value <= 1.
     for got, want in ((cos, angles.cos()), (sin, angles.sin())):
         err = (got[0].double() - want).abs().max().item()
-        assert err <= 2 ** -8, f"bf16 RoPE off by {err:.4f} (a bf16 inv_freq gives ~0.3 at position 255)"
+        cause = ("rounding inside (a bf16 inv_freq gives ~0.3 at position 255)" if err < 0.5 else
+                 "far more than bf16 could: the angles themselves are wrong (see the rope test of cos and sin)")
+        assert err <= 2 ** -8, f"bf16 RoPE off by {err:.4f}: {cause}"
 
 
 def test_forward_without_value_checks_never_reads_a_value_back(monkeypatch):
@@ -1182,7 +1194,10 @@ def test_select_forces_bos_and_all_non_vision_and_drops_the_worst_vision_at_both
             p[t] = 0.01 + 0.001 * t                                       # the first / last vision tokens worst
         rows.append(p)
     keep_prob = torch.stack(rows)
+    before = keep_prob.clone()
     got = cm.select(keep_prob, k, cfg)
+    assert torch.equal(keep_prob, before), \
+        "select changed keep_prob in place: force with a new tensor (keep_prob + force); the layer still needs it"
     assert tuple(got.shape) == (3, k), f"select(keep_prob [3, {N}], k={k}): expected indices [3, {k}], got {list(got.shape)}"
     for b in range(keep_prob.shape[0]):
         want = ref_select(keep_prob[b], k, cfg)
@@ -1192,8 +1207,11 @@ def test_select_forces_bos_and_all_non_vision_and_drops_the_worst_vision_at_both
             mistake = "top-k indices left in score order: sort them (idx.sort) so the kept tokens stay in sequence order"
         elif sorted(row) == sorted(keep_prob[b].topk(k).indices.tolist()):
             mistake = "BOS, text and action not forced in: they score lowest here, add +inf to their scores first"
-        assert row == want, (f"select, row {b} of keep_prob [3, {N}] float64, k={k}: expected kept indices {want}, "
-                             f"got {row}" + (f"\n  likely mistake: {mistake}" if mistake else ""))
+        missing, extra = sorted(set(want) - set(row)), sorted(set(row) - set(want))
+        assert row == want, (f"select, row {b} of keep_prob [3, {N}] float64, k={k}: expected {len(want)} kept indices, "
+                             f"got {len(row)}; missing {missing} (BOS 0, vision {cfg.vision_start}..{cfg.text_start - 1}, "
+                             f"the rest from {cfg.text_start}), unexpected {extra}; got {row}"
+                             + (f"\n  likely mistake: {mistake}" if mistake else ""))
 
 
 def kept_rows(seed, B=2, N=9, K=5):
@@ -1980,7 +1998,8 @@ HERE = Path(__file__).resolve().parent
 PROJECT_FILES = (".ci/run", ".gitignore", "README.md", "cogvla_mini.py", "requirements.txt",
                  "test_cogvla_mini.py", "train_toy.py")
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# --- exercise (?P<id>\w+): (?P<kind>begin|end) ---$")
-STUB_RAISE = 'raise NotImplementedError("exercise {id}: not started; check it with: python -m pytest -k {id}")'
+STUB_RAISE = ('raise NotImplementedError("exercise {id}: not started ({where}); '
+              'check it with: python -m pytest -k {id}")')
 
 
 @dataclasses.dataclass
@@ -2046,10 +2065,34 @@ def with_bodies(text, new, where="cogvla_mini.py"):
     return "\n".join(out + lines[pos:])
 
 
-def stub_body(ex_id, indent):
-    ex, width = EXERCISES[ex_id], 100 - len(indent) - 2
-    comment = textwrap.wrap(f"Exercise {ex_id}: {ex.statement}", width) + textwrap.wrap(f"Hint: {ex.hint}", width)
-    return [f"{indent}# {line}" for line in comment] + [indent + STUB_RAISE.format(id=ex_id)]
+def enclosing_function(lines, i):
+    """The name of the def (with its class, if any) that line i sits in: `Router.forward`, `select`."""
+    names, indent = [], len(lines[i]) - len(lines[i].lstrip())
+    for line in reversed(lines[:i]):
+        m = re.match(r"(\s*)(?:def|class) (\w+)", line)
+        if m and len(m[1]) < indent:
+            names.insert(0, m[2])
+            indent = len(m[1])
+    return ".".join(names)
+
+
+def stub_body(ex_id, region, part, lines):
+    """The stub that replaces one region: the statement, the hint and the NotImplementedError."""
+    ex, indent, width = EXERCISES[ex_id], region.indent, 100 - len(region.indent) - 2
+    where = enclosing_function(lines, region.begin)
+    head = f"Exercise {ex_id}" + (f", part {part[0]} of {part[1]} ({where})" if part[1] > 1 else "")
+    comment = textwrap.wrap(f"{head}: {ex.statement}", width) + textwrap.wrap(f"Hint: {ex.hint}", width)
+    return [f"{indent}# {line}" for line in comment] + [indent + STUB_RAISE.format(id=ex_id, where=where)]
+
+
+def stub_bodies(text, ids):
+    """{exercise: [stub per region]} for the exercises `ids` of a source text."""
+    lines, regions = text.split("\n"), find_regions(text)
+    stubs = {}
+    for ex_id in ids:
+        mine = [r for r in regions if r.exercise == ex_id]
+        stubs[ex_id] = [stub_body(ex_id, r, (k + 1, len(mine)), lines) for k, r in enumerate(mine)]
+    return stubs
 
 
 def stubs_in(text):
@@ -2082,11 +2125,11 @@ def make_handout(ids, out, project=HERE, log=print):
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out}: exists and is not an empty directory; nothing written")
     source = (project / "cogvla_mini.py").read_text()
-    regions, bodies = find_regions(source), region_bodies(source)
+    bodies = region_bodies(source)
     missing = [i for i in ids if i not in bodies]
     if missing:
         raise ValueError(f"{project / 'cogvla_mini.py'}: no region for exercise(s) {', '.join(missing)}")
-    stubbed = with_bodies(source, {i: [stub_body(i, r.indent) for r in regions if r.exercise == i] for i in ids})
+    stubbed = with_bodies(source, stub_bodies(source, ids))
     removed = [line for i in ids for body in bodies[i] for line in body]
     with tempfile.TemporaryDirectory() as tmp:
         draft = Path(tmp) / "handout"
@@ -2159,8 +2202,8 @@ class ExerciseResults:
         if report.failed:
             text = report.longreprtext.strip()
             crash = getattr(report.longrepr, "reprcrash", None)
-            if not text.startswith("exercise ") and crash is not None:
-                text = crash.message                                    # the student's code raised
+            if not text.startswith("exercise ") and crash is not None:    # the student's code raised: say where
+                text = f"{crash.message} (at {Path(crash.path).name}:{crash.lineno})"
             own = f"exercise {test['exercise']}: not started"
             test["outcome"], test["message"] = ("not started" if text.startswith(own) else "failed"), text
         elif report.skipped:
@@ -2414,7 +2457,8 @@ def test_handout_of_all_is_graded_not_started_and_pasting_the_reference_back_res
             assert (out / name).read_bytes() == (HERE / name).read_bytes(), f"{name}: expected an identical copy"
     reference, handout = (HERE / "cogvla_mini.py").read_text(), (out / "cogvla_mini.py").read_text()
     for ex_id, bodies in region_bodies(handout).items():
-        assert all(body[-1].strip() == STUB_RAISE.format(id=ex_id) for body in bodies), f"{ex_id}: expected its stub"
+        assert all(EXERCISE_STUB.search(body[-1]) and body[-1].strip().startswith("raise NotImplementedError")
+                   for body in bodies), f"{ex_id}: expected its stub"
     assert with_bodies(handout, region_bodies(reference)) == reference, "the reference bodies pasted back must restore it"
 
 
