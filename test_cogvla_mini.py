@@ -102,10 +102,10 @@ EXERCISES = {
         "force-keep + top-k selection", (), 15),
     "gather_scatter": Exercise(
         "gather_tokens, gather_mask and scatter_tokens: take the kept rows out, and put their new values back.",
-        "gather_tokens: x [B, N, D], idx [B, K] -> [B, K, D]. gather_mask: mask [B or 1, 1, N, N] -> the kept "
-        "rows, then the kept columns, [B, 1, K, K]. scatter_tokens(x, idx, y [B, K, D]) -> [B, N, D]: rows idx "
-        "replaced by y (y already holds the residual), the others unchanged. torch.gather / Tensor.scatter "
-        "with idx[..., None].expand(-1, -1, D).",
+        "gather_tokens: x [B, N, D], idx [B, K] -> [B, K, D], out[b, k] = x[b, idx[b, k]] (index x with "
+        "arange(B)[:, None] and idx, or torch.gather). gather_mask: mask [B or 1, 1, N, N] -> the kept rows, then "
+        "the kept columns, [B, 1, K, K] (torch.gather with expanded indices). scatter_tokens(x, idx, y [B, K, D]) "
+        "-> a new [B, N, D]: rows idx replaced by y (y already holds the residual), the others as in x.",
         "gather and scatter with batched indices", (), 20),
     "lfp_layer": Exercise(
         "LFPDecoderLayer.forward_lfp, phases 1-6: score, select, gather, the block on the kept tokens, "
@@ -618,8 +618,8 @@ def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
     assert all(r["dense_saved_mib"] > 0 and r["lfp_saved_mib"] > 0 for r in backward)
     timings = cm.profile_lfp_layer(width=64, batch=1, reps=1, out=lines.append)
     assert timings["LFP layer (forward_lfp)"] > 0 and timings["standard layer on K tokens"] > 0
-    # The profile is of the real forward_lfp: its top-k, gather and scatter show up by name.
-    assert {"op aten::topk", "op aten::gather", "op aten::scatter"} <= set(timings)
+    # The profile is of the real forward_lfp: its top-k, gather (indexing) and scatter (index_put_) show up by name.
+    assert {"op aten::topk", "op aten::index", "op aten::index_put_"} <= set(timings)
 
 
 def kept_for_two_instructions(model):
@@ -1236,7 +1236,7 @@ def test_gather_and_scatter_tokens_take_and_replace_the_kept_rows():
             want[b, t] = y[b, n]                                              # replaced: y holds the residual
     got = cm.scatter_tokens(x, idx, y)
     assert_close(got, want, 0, "scatter_tokens(x, idx, y)", inputs, {
-        "scatter_add instead of scatter: the residual counted twice (x + y at the kept rows)":
+        "added instead of replaced (scatter_add, +=): the residual counted twice (x + y at the kept rows)":
             lambda: want + (want != x) * x,
         "the kept rows' values thrown away (only y, zeros elsewhere)": lambda: (want != x) * want})
     assert torch.equal(x, x_before), "scatter_tokens changed x in place: return a new tensor (Tensor.scatter, not scatter_)"
@@ -1280,7 +1280,7 @@ def test_lfp_layer_matches_naive_scoring_choice_block_and_scatter(position_mode,
     assert_close(got, want, TOL32, case, {"x": x}, {
         "the router weight scales the attention output, not the MLP's":
             lambda: ref_lfp_layer(layer, x, cfg, ratio, weight_on="attention")[0],
-        "scatter_add instead of scatter: the kept tokens' residual counted twice":
+        "added instead of replaced (scatter_add, +=): the kept tokens' residual counted twice":
             lambda: ref_lfp_layer(layer, x, cfg, ratio, add=True)[0],
         f"the kept tokens' RoPE positions as in position_mode={other_mode!r}":
             lambda: ref_lfp_layer(layer, x, dataclasses.replace(cfg, position_mode=other_mode), ratio)[0]})
@@ -2408,7 +2408,7 @@ PLANTED = {   # exercise: (a line of the reference, what a student wrote instead
              "minus on the wrong half"),
     "causal_mask": ("    allowed = k <= q ", "    allowed = k >= q ", "mask transposed"),
     "select": ("    return idx.sort(dim=-1).values", "    return idx", "top-k indices left in score order"),
-    "gather_scatter": ("    return x.scatter(1,", "    return x.scatter_add(1,", "scatter_add instead of scatter"),
+    "gather_scatter": ("    out[batch, idx] = y", "    out[batch, idx] += y", "added instead of replaced"),
     "lfp_layer": ("        y = super().forward(x_kept, cos, sin, mask_kept, mlp_weight=w_kept, x_normed=h_kept)",
                   "        y = x_kept + self.self_attn(h_kept, cos, sin, mask_kept) * w_kept[..., None]\n"
                   "        y = y + self.mlp(self.post_attention_layernorm(y))  # ",
