@@ -1780,6 +1780,39 @@ def test_toy_grounding_loss_reaches_the_vision_tower_and_never_the_decoder():
     assert not {n for n in reached if n.startswith(("vla.llm.layers.", "vla.llm.norm", "vla.action", "vla.state"))}
 
 
+def test_toy_grounding_probe_alone_teaches_the_vision_tower_to_mark_the_named_block():
+    """The probe's loss alone (50 steps of 8 scenes, lr 1e-2, only the vision path run: the probe's
+    gradient reaches nothing else, as the test above shows). On 64 held-out scenes the named
+    block's patches then score above the other blocks' in >= 90% of scenes, from 41% at init
+    (100% measured at step 50; 95% at step 40; other model seeds need 60-80 steps)."""
+    torch.manual_seed(0)
+    policy = train_toy.ToyPolicy(train_toy.toy_config())
+    vla, cfg = policy.vla, policy.vla.cfg
+
+    def vision_tokens(batch):                                           # what the LLM would receive
+        return vla.embed(batch["images"], batch["text_ids"], batch["state"])[:, cfg.vision_start:cfg.text_start]
+
+    def named_block_wins(batch):
+        with torch.no_grad():
+            score = policy.probe(vision_tokens(batch))[..., 0]                              # [B, V]
+        named = (score * batch["named_patches"]).sum(1) / batch["named_patches"].sum(1)
+        other = (score * batch["other_patches"]).sum(1) / batch["other_patches"].sum(1).clamp_min(1)
+        return (named > other).float().mean().item()
+
+    held_out = train_toy.make_batch(64, seed=10**6)
+    before = named_block_wins(held_out)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    for step in range(50):
+        batch = train_toy.make_batch(8, seed=step)
+        loss = policy.grounding_loss(vision_tokens(batch), batch["named_patches"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = named_block_wins(held_out)
+    assert before < 0.6 and after >= 0.9, \
+        f"named block's patches above the others' in {before:.0%} of held-out scenes at init, {after:.0%} after 50 steps"
+
+
 def test_toy_keep_maps_mark_the_named_blocks_patches():
     model = CogVLA(train_toy.toy_config())
     data = train_toy.make_batch(2, seed=9)

@@ -289,8 +289,12 @@ class ToyPolicy(nn.Module):
         out = self.vla(batch["images"], batch["text_ids"], batch["state"], batch["actions"], prune=prune)
         if not ground:
             return out.loss, None
-        logits = self.probe(out.vision_tokens.float())[..., 0]                   # [B, V]
-        return out.loss, F.binary_cross_entropy_with_logits(logits, batch["named_patches"].float())
+        return out.loss, self.grounding_loss(out.vision_tokens, batch["named_patches"])
+
+    def grounding_loss(self, vision_tokens, named_patches):
+        """vision_tokens [B, V, D], named_patches [B, V] bool -> the probe's BCE."""
+        logits = self.probe(vision_tokens.float())[..., 0]                       # [B, V]
+        return F.binary_cross_entropy_with_logits(logits, named_patches.float())
 
 
 @contextlib.contextmanager
