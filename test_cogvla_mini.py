@@ -814,10 +814,6 @@ def randomize_(module, seed, std=0.3):
     return module
 
 
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
 # =============================================================================== naive Llama
 
 def ref_rmsnorm(x, weight, eps):
