@@ -2178,8 +2178,7 @@ def make_handout(ids, out, project=HERE, log=print):
 def check_handout(draft, ids, source, removed, log):
     """The handout's own checks; ValueError (and nothing written) on the first that fails."""
     text = (draft / "cogvla_mini.py").read_text()
-    counts = lambda t: [r.exercise for r in find_regions(t)]            # noqa: E731
-    if counts(text) != counts(source):
+    if [r.exercise for r in find_regions(text)] != [r.exercise for r in find_regions(source)]:
         raise ValueError("handout check: the stubbed file's regions differ from the reference's; nothing written")
     log("handout check 1/2: markers balanced, not nested; no removed line of code left in any file ...")
     if leaks := removed_lines_left(draft, removed):
@@ -2488,6 +2487,9 @@ def test_handout_of_all_is_graded_not_started_and_pasting_the_reference_back_res
     for ex_id, bodies in region_bodies(handout).items():
         assert all(EXERCISE_STUB.search(body[-1]) and body[-1].strip().startswith("raise NotImplementedError")
                    for body in bodies), f"{ex_id}: expected its stub"
+    rope_stubs = [EXERCISE_STUB.search(body[-1])[2] for body in region_bodies(handout)["rope"]]
+    assert rope_stubs == [" (RotaryEmbedding.forward)", " (rotate_half)", " (apply_rope)"], \
+        f"each stub names the function it stands in: expected RotaryEmbedding.forward, rotate_half, apply_rope, got {rope_stubs}"
     assert with_bodies(handout, region_bodies(reference)) == reference, "the reference bodies pasted back must restore it"
 
 
