@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -380,7 +382,8 @@ def test_config_edited_after_it_is_made_is_used_and_a_built_model_refuses_it():
     built = cm.LlamaDecoder(cfg)
     cfg.schedule = cm.REFERENCE_SCHEDULE
     assert sorted(cfg.lfp_ratios) == list(range(8, 32))
-    assert sorted(cm.LlamaDecoder(cfg).layers[i].layer for i in range(8, 32)) == list(range(8, 32))
+    rebuilt = cm.LlamaDecoder(cfg)
+    assert sorted(rebuilt.layers[i].layer for i in range(8, 32)) == list(range(8, 32))
     with pytest.raises(ValueError, match="changed after this model was built"):
         built(torch.randn(1, cfg.seq_len, cfg.d_model))
 
@@ -1956,63 +1959,101 @@ def test_toy_evaluation_with_aggregation_tokens_reports_no_keep_shares():
     assert 0 <= metrics["nearest"] <= 1
 
 
-POISONED_RANK_1 = """
-import os, sys, train_toy
-real_make_batch, real_train, mode = train_toy.make_batch, train_toy.train, {}
+def can_fork():
+    """A child forked from this process starts with torch imported: ~3 s saved per process over a
+    fresh interpreter. Linux only, and only while CUDA is not initialised (a forked child cannot use it)."""
+    return sys.platform == "linux" and not torch.cuda.is_initialized()
 
-def train(args, dense, *rest, **kw):            # note which mode is training
-    mode["dense"] = dense
-    return real_train(args, dense, *rest, **kw)
 
-def make_batch(n, seed, **kw):
-    batch = real_make_batch(n, seed, **kw)
-    if not mode.get("dense", True) and seed == 2 * 2 + 1:   # LFP, step 2 of rank 1 (seed 0, 2 processes)
-        batch["actions"][0, 0, 0] = float("nan")
-    return batch
+def fork(work, log_path):
+    """Run work() in a child forked from this process; returns the child's pid. The child prints
+    to log_path and exits 0 when work() returns, 1 (traceback in log_path) when it raises. What
+    it must not take over from this process:
+    - OpenMP's thread pool, whose threads do not exist in the child: its first parallel op would
+      hang. It runs on one thread, as torchrun's OMP_NUM_THREADS=1 makes each rank do.
+    - pytest's assertion-rewriting import hook, which would rewrite a graded test file with this
+      session's settings: the child imports as a fresh interpreter does.
+    - the way back: it leaves by os._exit, never into this process's code. On an error it leaves
+      from inside the handler, before the objects the traceback holds are freed: freeing a stopped
+      DDP run's objects (its process group among them) hung a forked rank in 1 of 3 suite runs."""
+    with warnings.catch_warnings():     # Python >= 3.12 warns at any fork of a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid:
+        return pid
+    try:
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                torch.set_num_threads(1)
+                sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"]
+                work()
+            except BaseException:
+                traceback.print_exc()
+                log.flush()
+                os._exit(1)
+        os._exit(0)
+    finally:
+        os._exit(1)
 
-train_toy.train, train_toy.make_batch = train, make_batch
-try:
-    train_toy.main()
-except FloatingPointError as err:      # each rank writes its own file: their stdouts interleave
-    with open(os.path.join(os.environ["STOP_DIR"], "rank" + os.environ["RANK"]), "w") as f:
-        f.write(str(err))
-    sys.exit(3)
-"""
+
+def wait_for(pids, timeout):
+    """Each child's exit code, or None for one still running after `timeout` s (then killed)."""
+    codes, deadline = {}, time.monotonic() + timeout
+    while len(codes) < len(pids) and time.monotonic() < deadline:
+        for pid in set(pids) - set(codes):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    for pid in set(pids) - set(codes):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        codes[pid] = None
+    return [codes[pid] for pid in pids]
+
+
+def rank_with_a_nan(rank, port, argv):
+    """One rank of a 2-process run, started as torchrun starts it (its environment variables). In
+    the LFP run, rank 1's batch at step 2 carries a NaN."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    real_make_batch, real_train, mode = train_toy.make_batch, train_toy.train, {}
+
+    def train(args, dense, *rest, **kw):                                    # note which mode is training
+        mode["dense"] = dense
+        return real_train(args, dense, *rest, **kw)
+
+    def make_batch(n, seed, **kw):
+        batch = real_make_batch(n, seed, **kw)
+        if rank == 1 and not mode["dense"] and seed == 2 * 2 + 1:           # LFP, step 2 (seed 0, 2 processes)
+            batch["actions"][0, 0, 0] = float("nan")
+        return batch
+
+    train_toy.train, train_toy.make_batch = train, make_batch               # the forked process's copy only
+    train_toy.main(argv)
 
 
 def test_toy_trains_with_two_processes_and_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    """Two processes started as torchrun starts them, two claims: `--compare` trains dense to the
-    end with 2 processes (rank 0 alone prints), then a NaN in the LFP run's batch on rank 1 alone
-    stops both ranks at that step with the same message, instead of leaving rank 0 waiting in the
-    all-reduce."""
+    """Two processes, two claims: `--compare` trains dense to the end with 2 processes (rank 0
+    alone prints), then a NaN in the LFP run's batch on rank 1 alone stops both ranks at that step
+    with the same message, instead of leaving rank 0 waiting in the all-reduce."""
     skip_if_stubs_left()
-    script = tmp_path / "poisoned.py"
-    script.write_text(POISONED_RANK_1)
-    here = os.path.dirname(os.path.abspath(__file__))
+    if not can_fork():
+        pytest.skip("starts its two processes by fork: Linux only, and not once CUDA is initialised")
     with socket.socket() as s:                          # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # The two ranks are started as torchrun would start them (its environment variables), without
-    # the launcher process, whose own torch import would cost the suite ~3 s.
-    ranks = [subprocess.Popen(
-        [sys.executable, str(script), "--compare", "--steps", "3", "--no-maps"] + TOY_ARGS,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here, "STOP_DIR": str(tmp_path), "RANK": str(r),
-             "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        for r in (0, 1)]
-    try:
-        outputs = [rank.communicate(timeout=90) for rank in ranks]
-    except subprocess.TimeoutExpired:
-        for rank in ranks:
-            rank.kill()
-        pytest.fail("a NaN on rank 1 left the ranks waiting for each other (no exit within 90 s)")
-    out, stderr = outputs[0][0] + outputs[1][0], outputs[0][1] + outputs[1][1]
-    assert "[dense] step     3/3" in out and out.count("[dense] step     3/3") == 1, out[-2000:]   # rank 0 alone prints
-    assert "2 process(es)" in out
-    assert all(rank.returncode != 0 for rank in ranks)
-    stopped = [(tmp_path / f"rank{r}").read_text() for r in (0, 1) if (tmp_path / f"rank{r}").exists()]
-    assert len(stopped) == 2 and stopped[0] == stopped[1], out[-2000:] + stderr[-2000:]
-    assert stopped[0].startswith("[lfp] stopping at step 2: rank 1: non-finite loss nan")
+    argv = ["--compare", "--steps", "3", "--no-maps"] + TOY_ARGS
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    codes = wait_for([fork(functools.partial(rank_with_a_nan, r, port, argv), logs[r]) for r in (0, 1)], timeout=90)
+    out = [log.read_text() for log in logs]
+    assert None not in codes, "a NaN on rank 1 left the ranks waiting for each other (no exit within 90 s)"
+    assert out[0].count("[dense] step     3/3") == 1 and "[dense]" not in out[1], out[0][-2000:]   # rank 0 alone prints
+    assert "2 process(es)" in out[0]
+    assert codes == [1, 1], out
+    stopped = [text.rsplit("FloatingPointError: ", 1)[-1] for text in out]
+    assert stopped[0] == stopped[1], stopped
+    assert stopped[0].startswith("[lfp] stopping at step 2: rank 1: non-finite loss nan"), stopped[0]
 
 
 # =============================================================================== exercises: handout and grade
@@ -2024,7 +2065,7 @@ def test_toy_trains_with_two_processes_and_a_nan_on_one_rank_stops_every_rank_at
 #                                                                   from DIR, every other one from REFERENCE
 
 HERE = Path(__file__).resolve().parent
-PROJECT_FILES = (".ci/run", ".gitignore", "README.md", "cogvla_mini.py", "requirements.txt",
+PROJECT_FILES = (".ci/run", ".gitignore", "README.md", "cogvla_mini.py", "pytest.ini", "requirements.txt",
                  "test_cogvla_mini.py", "train_toy.py")
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# --- exercise (?P<id>\w+): (?P<kind>begin|end) ---$")
 STUB_RAISE = ('raise NotImplementedError("exercise {id}: not started ({where}); '
@@ -2243,7 +2284,7 @@ class ExerciseResults:
 
 
 def run_exercise_tests(results_file, runs):
-    """In a fresh process (see grade): for each "WORKDIR=ID,ID" run those exercises' tests in
+    """In a process of its own (see grade): for each "WORKDIR=ID,ID" run those exercises' tests in
     WORKDIR, which holds a cogvla_mini.py to grade, this test file and train_toy.py."""
     results = []
     for run in runs:
@@ -2253,7 +2294,7 @@ def run_exercise_tests(results_file, runs):
         plugin = ExerciseResults(ids.split(","))
         # Plain asserts (every exercise test says what failed) and no unraisable-exception plugin:
         # its gc passes and pytest's assert rewriting cost ~1.3 s per run, 12 runs with --isolate.
-        code = pytest.main([str(Path(workdir) / "test_cogvla_mini.py"), "--assert=plain", "-p", "no:cacheprovider",
+        code = pytest.main([str(Path(workdir) / "test_cogvla_mini.py"), "--assert=plain", "--disable-plugin-autoload", "-p", "no:cacheprovider",
                             "-p", "no:terminal", "-p", "no:unraisableexception"], plugins=[plugin])
         if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
             plugin.errors.append(f"pytest stopped: {code!r}")
@@ -2292,11 +2333,16 @@ def grade(student, reference=None, log=print):
             runs = [f"{workdir(exs[0], text)}={','.join(exs)}" for text, exs in composed.items()]
         log(f"grading {student / 'cogvla_mini.py'}" + (f" in isolation against {reference}" if reference else "")
             + f": {len(EXERCISES)} exercises ...")
-        results_file = Path(tmp) / "results.json"
-        proc = subprocess.run([sys.executable, str(HERE / "test_cogvla_mini.py"), "_run_exercise_tests",
-                               str(results_file)] + runs, capture_output=True, text=True)
+        results_file, log = Path(tmp) / "results.json", Path(tmp) / "grading.log"
+        if can_fork():      # another process, so that the student's code cannot change this one
+            [code] = wait_for([fork(functools.partial(run_exercise_tests, results_file, runs), log)], timeout=3600)
+            output = log.read_text()
+        else:               # a fresh interpreter
+            proc = subprocess.run([sys.executable, str(HERE / "test_cogvla_mini.py"), "_run_exercise_tests",
+                                   str(results_file)] + runs, capture_output=True, text=True)
+            code, output = proc.returncode, proc.stdout + proc.stderr
         if not results_file.exists():
-            raise RuntimeError(f"the grading run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            raise RuntimeError(f"the grading run failed (exit {code}):\n{output[-6000:]}")
         results = json.loads(results_file.read_text())
     return grade_rows(results, stubs_in(mine))
 
@@ -2459,8 +2505,8 @@ def planted_mistakes_graded_in_isolation(folder):
     return grade(folder, HERE, log=lambda *_: None)
 
 
-# Each of these two jobs grades a copy of the project in a fresh process (~4 and ~8 s, most of it
-# importing torch, on one core). The first of their tests starts both, side by side on the two cores.
+# Each of these two jobs grades a copy of the project in a forked process on one thread (~1 and ~3 s
+# alone). The first of their tests starts both, side by side on the two cores.
 GRADING_JOBS = {   # the test that needs it: the job
     "test_handout_of_all_is_graded_not_started_and_pasting_the_reference_back_restores_it": handout_of_all,
     "test_isolated_grading_fails_exactly_the_exercises_with_a_classic_mistake_and_names_it":
