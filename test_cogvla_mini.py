@@ -1899,14 +1899,21 @@ def poison_weights_after_step(monkeypatch, n):
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
-@pytest.mark.parametrize("dense, cause", [(True, "non-finite loss nan"), (False, "LFP layer 1: inf or NaN")])
-def test_toy_non_finite_values_stop_naming_the_step_and_keep_the_last_checkpoint(tmp_path, monkeypatch, dense, cause):
-    # From step 4 on the state tokens are NaN, and so is every action query that reads them.
-    poison_weights_after_step(monkeypatch, 4)
-    with pytest.raises(FloatingPointError, match=f"stopping at step 4: {cause}.*last good checkpoint"):
-        train_toy.main(["--steps", "8", "--save-every", "2", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS
+@pytest.mark.parametrize("dense, poisoned, cause", [
+    (True, 3, "stopping at step 3: non-finite loss nan"),                   # found by the next step's loss
+    (False, 3, "stopping at step 3: LFP layer 1: inf or NaN"),              # or by the first LFP layer
+    (False, 4, "stopping at step 4: non-finite weights"),                   # at a checkpoint: not saved
+], ids=["dense-loss", "lfp-layer", "checkpoint"])
+def test_toy_non_finite_values_stop_naming_the_step_and_keep_the_last_good_checkpoint(
+        tmp_path, monkeypatch, dense, poisoned, cause):
+    # From the poisoned step on, the state tokens are NaN, and so is every action query that reads them.
+    poison_weights_after_step(monkeypatch, poisoned)
+    with pytest.raises(FloatingPointError, match=f"{cause}.*the last good checkpoint is"):
+        train_toy.main(["--steps", "6", "--save-every", "2", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS
                        + (["--dense"] if dense else []), log=lambda *_: None)
-    assert checkpoint_weights(tmp_path / ("dense.pt" if dense else "lfp.pt"))["step"] == 4
+    kept = checkpoint_weights(tmp_path / ("dense.pt" if dense else "lfp.pt"))
+    assert kept["step"] == 2
+    assert all(torch.isfinite(w).all() for w in kept["model"].values()), "the checkpoint kept holds non-finite weights"
 
 
 def test_toy_resume_refuses_other_flags_and_another_process_count(tmp_path, capsys):

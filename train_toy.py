@@ -234,6 +234,11 @@ def save_checkpoint(path: str, model, optimizer, step: int, args, cfg: CogVLACon
     os.replace(tmp, path)   # atomic: a crash mid-save leaves the previous checkpoint intact
 
 
+def last_checkpoint(path) -> str:
+    """The end of a stop message: where the last good checkpoint is, if there is one."""
+    return f"; the last good checkpoint is {path}" if path and os.path.exists(path) else "; no checkpoint was saved"
+
+
 def load_checkpoint(path: str, model, optimizer, args, world: int) -> int:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "world" not in ckpt:
@@ -386,10 +391,8 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
                     errors = [None] * world
                     dist.all_gather_object(errors, error)
                     errors = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
-                kept = (f"; the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path)
-                        else "; no checkpoint was saved")
                 stop = RuntimeError if other_error else FloatingPointError
-                raise stop(f"[{mode}] stopping at step {step}: {'; '.join(errors)}{kept}")
+                raise stop(f"[{mode}] stopping at step {step}: {'; '.join(errors)}{last_checkpoint(ckpt_path)}")
             if interrupted:   # the weights are those after `step` steps: save them as such
                 if rank == 0 and ckpt_path:
                     save_checkpoint(ckpt_path, policy, optimizer, step, args, cfg, world)
@@ -412,8 +415,14 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
                     line += f"  | held-out {len(curve_data['state'])}: nearest {m['nearest']:.0%}  success {m['success']:.0%}"
                 log(f"[{mode}] step {step:>5}/{args.steps}  {line}  {rate:.2f} steps/s  "
                     f"ETA {(args.steps - step) / rate:.0f} s")
-            if rank == 0 and ckpt_path and (step % args.save_every == 0 or step == args.steps):
-                save_checkpoint(ckpt_path, policy, optimizer, step, args, cfg, world)
+            if ckpt_path and (step % args.save_every == 0 or step == args.steps):
+                # A finite loss can still give non-finite gradients and then weights: never save those
+                # over the last good checkpoint. Every rank checks its (identical) copy: all stop together.
+                if not torch.stack([torch.isfinite(p).all() for p in policy.parameters()]).all():
+                    raise FloatingPointError(f"[{mode}] stopping at step {step}: non-finite weights after "
+                                             f"the optimizer step{last_checkpoint(ckpt_path)}")
+                if rank == 0:
+                    save_checkpoint(ckpt_path, policy, optimizer, step, args, cfg, world)
     seconds = time.time() - start_time
     if rank != 0:
         return {}
