@@ -2309,6 +2309,9 @@ def run_exercise_tests(results_file, runs):
     Path(results_file).write_text(json.dumps(results))
 
 
+GRADING_TIME_LIMIT = 600   # s; the reference's exercise tests take ~3 s: far more is a student's endless loop
+
+
 def grade(student, reference=None, log=print):
     """One row per exercise: status, tests passed of total, the first failure's message. With a
     `reference` folder, each exercise runs on the reference's cogvla_mini.py with only that
@@ -2341,13 +2344,19 @@ def grade(student, reference=None, log=print):
         log(f"grading {student / 'cogvla_mini.py'}" + (f" in isolation against {reference}" if reference else "")
             + f": {len(EXERCISES)} exercises ...")
         results_file, log = Path(tmp) / "results.json", Path(tmp) / "grading.log"
+        limit = GRADING_TIME_LIMIT
         if can_fork():      # another process, so that the student's code cannot change this one
-            [code] = wait_for([fork(functools.partial(run_exercise_tests, results_file, runs), log)], timeout=3600)
+            [code] = wait_for([fork(functools.partial(run_exercise_tests, results_file, runs), log)], timeout=limit)
             output = log.read_text()
         else:               # a fresh interpreter
-            proc = subprocess.run([sys.executable, str(HERE / "test_cogvla_mini.py"), "_run_exercise_tests",
-                                   str(results_file)] + runs, capture_output=True, text=True)
-            code, output = proc.returncode, proc.stdout + proc.stderr
+            try:
+                proc = subprocess.run([sys.executable, str(HERE / "test_cogvla_mini.py"), "_run_exercise_tests",
+                                       str(results_file)] + runs, capture_output=True, text=True, timeout=limit)
+                code, output = proc.returncode, proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as err:
+                code, output = None, str(err)
+        if code is None:
+            raise RuntimeError(f"the grading run did not finish within {limit} s (an endless loop?):\n{output[-6000:]}")
         if not results_file.exists():
             raise RuntimeError(f"the grading run failed (exit {code}):\n{output[-6000:]}")
         results = json.loads(results_file.read_text())
@@ -2425,7 +2434,7 @@ def main(argv=None):
             return 0 if all(r["status"] == "passed" for r in rows) else 1
         else:
             run_exercise_tests(args.results_file, args.runs)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
