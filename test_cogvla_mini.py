@@ -1704,6 +1704,8 @@ def test_a_tiny_model_overfits_one_batch():
 # ----------------------------------------------------------------------------- the toy trainer
 
 TOY_ARGS = ["--batch-size", "4", "--eval-size", "4", "--log-every", "1"]
+# Runs whose claims do not depend on the batch (a stop, a resume, a refusal) use batches of 2: ~15% faster.
+SMALL_ARGS = ["--batch-size", "2", "--eval-size", "2", "--log-every", "1"]
 
 
 def test_toy_targets_end_at_the_named_block_drawn_in_its_colour():
@@ -1853,7 +1855,7 @@ def sigint_during(monkeypatch, where):
         monkeypatch.setattr(target, name, wrapped)
 
 
-CTRL_C_ARGS = ["--steps", "4", "--save-every", "2", "--no-maps"] + TOY_ARGS
+CTRL_C_ARGS = ["--steps", "4", "--save-every", "2", "--no-maps"] + SMALL_ARGS
 
 
 @pytest.fixture(scope="module")
@@ -1909,7 +1911,7 @@ def test_toy_non_finite_values_stop_naming_the_step_and_keep_the_last_good_check
     # From the poisoned step on, the state tokens are NaN, and so is every action query that reads them.
     poison_weights_after_step(monkeypatch, poisoned)
     with pytest.raises(FloatingPointError, match=f"{cause}.*the last good checkpoint is"):
-        train_toy.main(["--steps", "6", "--save-every", "2", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS
+        train_toy.main(["--steps", "6", "--save-every", "2", "--no-maps", "--out", str(tmp_path)] + SMALL_ARGS
                        + (["--dense"] if dense else []), log=lambda *_: None)
     kept = checkpoint_weights(tmp_path / ("dense.pt" if dense else "lfp.pt"))
     assert kept["step"] == 2
@@ -1917,11 +1919,11 @@ def test_toy_non_finite_values_stop_naming_the_step_and_keep_the_last_good_check
 
 
 def test_toy_resume_refuses_other_flags_and_another_process_count(tmp_path, capsys):
-    train_toy.main(["--steps", "1", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS, log=lambda *_: None)
+    train_toy.main(["--steps", "1", "--no-maps", "--out", str(tmp_path)] + SMALL_ARGS, log=lambda *_: None)
     with pytest.raises(SystemExit, match="--seed=0, this run has 1"):
-        train_toy.main(["--steps", "1", "--seed", "1", "--out", str(tmp_path), "--resume"] + TOY_ARGS,
+        train_toy.main(["--steps", "1", "--seed", "1", "--out", str(tmp_path), "--resume"] + SMALL_ARGS,
                        log=lambda *_: None)
-    policy, args = train_toy.ToyPolicy(train_toy.toy_config()), train_toy.parse_args(["--steps", "1"] + TOY_ARGS)
+    policy, args = train_toy.ToyPolicy(train_toy.toy_config()), train_toy.parse_args(["--steps", "1"] + SMALL_ARGS)
     optimizer = torch.optim.AdamW(policy.parameters())
     with pytest.raises(SystemExit, match="made by 1 process\\(es\\), this run has 2"):
         train_toy.load_checkpoint(str(tmp_path / "lfp.pt"), policy, optimizer, args, world=2)
