@@ -5,6 +5,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import faulthandler
 import functools
 import inspect
 import json
@@ -187,7 +188,7 @@ def graded(test):
 
 
 def stubs_left():
-    """The exercises whose stub is still in cogvla_mini.py (for tests that run it in a subprocess)."""
+    """The exercises whose stub is still in cogvla_mini.py (for tests that run it in another process)."""
     return stubs_in(open(cm.__file__).read())
 
 
@@ -1887,15 +1888,16 @@ def test_toy_resume_after_ctrl_c_anywhere_ends_with_the_same_weights(tmp_path, m
     assert not os.path.exists(tmp_path / "b" / "lfp.pt.tmp")
 
 
-def poison_weights_after_step(monkeypatch, n):
-    """The model diverges: after the n-th optimizer step its first parameter (CogVLA's state_embed) is NaN."""
+def poison_weights_after_step(monkeypatch, n, which=0):
+    """The model diverges: after the n-th optimizer step parameter number `which` is NaN (the
+    first is CogVLA's state_embed, which every forward reads)."""
     real, calls = torch.optim.AdamW.step, []
 
     def step(self, *a, **kw):
         out = real(self, *a, **kw)
         calls.append(1)
         if len(calls) == n:
-            self.param_groups[0]["params"][0].data.fill_(float("nan"))
+            self.param_groups[0]["params"][which].data.fill_(float("nan"))
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
@@ -1916,6 +1918,21 @@ def test_toy_non_finite_values_stop_naming_the_step_and_keep_the_last_good_check
     kept = checkpoint_weights(tmp_path / ("dense.pt" if dense else "lfp.pt"))
     assert kept["step"] == 2
     assert all(torch.isfinite(w).all() for w in kept["model"].values()), "the checkpoint kept holds non-finite weights"
+
+
+def test_toy_ctrl_c_never_saves_non_finite_weights(tmp_path, monkeypatch):
+    """A dense run never runs its routers: NaN in one leaves the loss finite. Ctrl-C then finds
+    the weights non-finite at the save it would make, and saves nothing."""
+    names = [n for n, _ in train_toy.ToyPolicy(train_toy.toy_config()).named_parameters()]
+    poison_weights_after_step(monkeypatch, 2, which=next(i for i, n in enumerate(names) if ".router." in n))
+    sigint_during(monkeypatch, "make_batch")
+    try:
+        with pytest.raises(FloatingPointError, match="interrupted at step 2 with non-finite weights: nothing saved"):
+            train_toy.main(["--steps", "4", "--save-every", "3", "--dense", "--no-maps", "--out", str(tmp_path)]
+                           + SMALL_ARGS, log=lambda *_: None)
+    except KeyboardInterrupt:   # what a plain Ctrl-C ends with: the run was saved
+        pytest.fail("Ctrl-C saved non-finite weights as a checkpoint")
+    assert not (tmp_path / "dense.pt").exists()
 
 
 def test_toy_resume_refuses_other_flags_and_another_process_count(tmp_path, capsys):
@@ -1974,51 +1991,82 @@ def can_fork():
     return sys.platform == "linux" and not torch.cuda.is_initialized()
 
 
-def fork(work, log_path):
-    """Run work() in a child forked from this process; returns the child's pid. The child prints
-    to log_path and exits 0 when work() returns, 1 (traceback in log_path) when it raises. What
-    it must not take over from this process:
-    - OpenMP's thread pool, whose threads do not exist in the child: its first parallel op would
-      hang. It runs on one thread, as torchrun's OMP_NUM_THREADS=1 makes each rank do.
-    - pytest's assertion-rewriting import hook, which would rewrite a graded test file with this
-      session's settings: the child imports as a fresh interpreter does.
-    - the way back: it leaves by os._exit, never into this process's code. On an error it leaves
-      from inside the handler, before the objects the traceback holds are freed: freeing a stopped
-      DDP run's objects (its process group among them) hung a forked rank in 1 of 3 suite runs."""
+def start(name, args, log_path):
+    """Run this file's function `name`(*args) in a process of its own; returns a handle for
+    `finish`. Forked where can_fork(), else a fresh interpreter that imports this file: either
+    way the child runs child_main."""
+    if not can_fork():
+        with open(log_path, "w") as log:            # the child's output, import errors included
+            return subprocess.Popen([sys.executable, "-c", "import json, sys, test_cogvla_mini as t; "
+                                     "t.child_main(*json.loads(sys.argv[1]))", json.dumps([str(log_path), name, args])],
+                                    cwd=HERE, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     with warnings.catch_warnings():     # Python >= 3.12 warns at any fork of a threaded process
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
-    if pid:
-        return pid
+    if pid == 0:
+        try:
+            child_main(str(log_path), name, args)
+        finally:
+            os._exit(1)                 # never return into the parent's code (pytest's session)
+    return pid
+
+
+def child_main(log_path, name, args):
+    """The child's side of `start`: its output, Python's and the C++ libraries', goes to log_path;
+    it exits 0 when `name`(*args) returns, 1 with the traceback when it raises; on SIGUSR1 it
+    writes every thread's stack there (see finish). A forked child must not take over from its
+    parent: OpenMP's thread pool (its threads do not exist in the child, whose first parallel op
+    would hang: one thread, as torchrun's OMP_NUM_THREADS=1 makes each rank do), nor pytest's
+    assertion-rewriting import hook (a graded test file imports as in a fresh interpreter)."""
+    with open(log_path, "a", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        if hasattr(signal, "SIGUSR1"):
+            faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+        try:
+            torch.set_num_threads(1)
+            sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"]
+            globals()[name](*args)
+        except BaseException:
+            traceback.print_exc()
+            log.flush()
+            os._exit(1)     # at once, freeing nothing: see the gloo deadlock in train_toy.train
+    os._exit(0)
+
+
+def finish(children, timeout):
+    """Each child's exit code, or None for one still running after `timeout` s: that one is asked
+    for its stacks (SIGUSR1: they go to its log), then killed. Children left when this is
+    interrupted are stopped the same way."""
+    def poll(child):
+        if isinstance(child, subprocess.Popen):
+            return child.poll()
+        done, status = os.waitpid(child, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if done else None
+
+    def stop(child):
+        forked = not isinstance(child, subprocess.Popen)
+        if hasattr(signal, "SIGUSR1"):
+            os.kill(child if forked else child.pid, signal.SIGUSR1)
+            time.sleep(1)
+        if forked:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        else:
+            child.kill()
+            child.wait()
+
+    codes, deadline = [None] * len(children), time.monotonic() + timeout
     try:
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            try:
-                torch.set_num_threads(1)
-                sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"]
-                work()
-            except BaseException:
-                traceback.print_exc()
-                log.flush()
-                os._exit(1)
-        os._exit(0)
+        while None in codes and time.monotonic() < deadline:
+            codes = [code if code is not None else poll(child) for child, code in zip(children, codes)]
+            time.sleep(0.05)
     finally:
-        os._exit(1)
-
-
-def wait_for(pids, timeout):
-    """Each child's exit code, or None for one still running after `timeout` s (then killed)."""
-    codes, deadline = {}, time.monotonic() + timeout
-    while len(codes) < len(pids) and time.monotonic() < deadline:
-        for pid in set(pids) - set(codes):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                codes[pid] = os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    for pid in set(pids) - set(codes):
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        codes[pid] = None
-    return [codes[pid] for pid in pids]
+        for child, code in zip(children, codes):
+            if code is None:
+                stop(child)
+    return codes
 
 
 def rank_with_a_nan(rank, port, argv):
@@ -2047,14 +2095,12 @@ def test_toy_trains_with_two_processes_and_a_nan_on_one_rank_stops_every_rank_at
     alone prints), then a NaN in the LFP run's batch on rank 1 alone stops both ranks at that step
     with the same message, instead of leaving rank 0 waiting in the all-reduce."""
     skip_if_stubs_left()
-    if not can_fork():
-        pytest.skip("starts its two processes by fork: Linux only, and not once CUDA is initialised")
     with socket.socket() as s:                          # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = ["--compare", "--steps", "3", "--no-maps"] + TOY_ARGS
     logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
-    codes = wait_for([fork(functools.partial(rank_with_a_nan, r, port, argv), logs[r]) for r in (0, 1)], timeout=90)
+    codes = finish([start("rank_with_a_nan", [r, port, argv], logs[r]) for r in (0, 1)], timeout=90)
     out = [log.read_text() for log in logs]
     assert None not in codes, "a NaN on rank 1 left the ranks waiting for each other (no exit within 90 s)"
     assert out[0].count("[dense] step     3/3") == 1 and "[dense]" not in out[1], out[0][-2000:]   # rank 0 alone prints
@@ -2293,8 +2339,9 @@ class ExerciseResults:
 
 
 def run_exercise_tests(results_file, runs):
-    """In a process of its own (see grade): for each "WORKDIR=ID,ID" run those exercises' tests in
+    """In a process of its own (see grade, start): for each "WORKDIR=ID,ID" run those exercises' tests in
     WORKDIR, which holds a cogvla_mini.py to grade, this test file and train_toy.py."""
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"     # no plugin of another project (this process only)
     results = []
     for run in runs:
         workdir, ids = run.rsplit("=", 1)
@@ -2303,7 +2350,7 @@ def run_exercise_tests(results_file, runs):
         plugin = ExerciseResults(ids.split(","))
         # Plain asserts (every exercise test says what failed) and no unraisable-exception plugin:
         # its gc passes and pytest's assert rewriting cost ~1.3 s per run, 12 runs with --isolate.
-        code = pytest.main([str(Path(workdir) / "test_cogvla_mini.py"), "--assert=plain", "--disable-plugin-autoload", "-p", "no:cacheprovider",
+        code = pytest.main([str(Path(workdir) / "test_cogvla_mini.py"), "--assert=plain", "-p", "no:cacheprovider",
                             "-p", "no:terminal", "-p", "no:unraisableexception"], plugins=[plugin])
         if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
             plugin.errors.append(f"pytest stopped: {code!r}")
@@ -2312,6 +2359,10 @@ def run_exercise_tests(results_file, runs):
 
 
 GRADING_TIME_LIMIT = 600   # s; the reference's exercise tests take ~3 s: far more is a student's endless loop
+
+
+class GradingError(RuntimeError):
+    """The grading process failed or did not finish: the message says how."""
 
 
 def grade(student, reference=None, log=print):
@@ -2345,22 +2396,14 @@ def grade(student, reference=None, log=print):
             runs = [f"{workdir(exs[0], text)}={','.join(exs)}" for text, exs in composed.items()]
         log(f"grading {student / 'cogvla_mini.py'}" + (f" in isolation against {reference}" if reference else "")
             + f": {len(EXERCISES)} exercises ...")
-        results_file, log = Path(tmp) / "results.json", Path(tmp) / "grading.log"
-        limit = GRADING_TIME_LIMIT
-        if can_fork():      # another process, so that the student's code cannot change this one
-            [code] = wait_for([fork(functools.partial(run_exercise_tests, results_file, runs), log)], timeout=limit)
-            output = log.read_text()
-        else:               # a fresh interpreter
-            try:
-                proc = subprocess.run([sys.executable, str(HERE / "test_cogvla_mini.py"), "_run_exercise_tests",
-                                       str(results_file)] + runs, capture_output=True, text=True, timeout=limit)
-                code, output = proc.returncode, proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as err:
-                code, output = None, str(err)
-        if code is None:
-            raise RuntimeError(f"the grading run did not finish within {limit} s (an endless loop?):\n{output[-6000:]}")
+        results_file, log_path = Path(tmp) / "results.json", Path(tmp) / "grading.log"
+        [code] = finish([start("run_exercise_tests", [str(results_file), runs], log_path)], GRADING_TIME_LIMIT)
+        output = log_path.read_text()
+        if code is None:    # the log holds the stacks, innermost call first
+            raise GradingError(f"the grading run did not finish within {GRADING_TIME_LIMIT} s (an endless loop?); "
+                               "where it was:\n" + "\n".join(output.splitlines()[:12]))
         if not results_file.exists():
-            raise RuntimeError(f"the grading run failed (exit {code}):\n{output[-6000:]}")
+            raise GradingError(f"the grading run failed (exit {code}):\n{output[-6000:]}")
         results = json.loads(results_file.read_text())
     return grade_rows(results, stubs_in(mine))
 
@@ -2415,9 +2458,6 @@ def main(argv=None):
     g.add_argument("dir", nargs="?", default=str(HERE), help="the student's folder (default: this file's)")
     g.add_argument("--isolate", metavar="REFERENCE", help="the reference folder: each exercise is graded with only "
                    "its own regions from DIR and every other region from REFERENCE")
-    w = sub.add_parser("_run_exercise_tests")
-    w.add_argument("results_file")
-    w.add_argument("runs", nargs="+")
     args = parser.parse_args(argv)
     try:
         if args.command == "exercises":
@@ -2434,9 +2474,7 @@ def main(argv=None):
             print(json.dumps({"exercises": rows, "passed": sum(r["status"] == "passed" for r in rows),
                               "total": len(rows)}))
             return 0 if all(r["status"] == "passed" for r in rows) else 1
-        else:
-            run_exercise_tests(args.results_file, args.runs)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, GradingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -2523,8 +2561,8 @@ def planted_mistakes_graded_in_isolation(folder):
     return grade(folder, HERE, log=lambda *_: None)
 
 
-# Each of these two jobs grades a copy of the project in a forked process on one thread (~1 and ~3 s
-# alone). The first of their tests starts both, side by side on the two cores.
+# Each of these two jobs grades a copy of the project in a process of its own on one thread (~1 and
+# ~3 s alone, forked). The first of their tests starts both, side by side on the two cores.
 GRADING_JOBS = {   # the test that needs it: the job
     "test_handout_of_all_is_graded_not_started_and_pasting_the_reference_back_restores_it": handout_of_all,
     "test_isolated_grading_fails_exactly_the_exercises_with_a_classic_mistake_and_names_it":

@@ -234,6 +234,10 @@ def save_checkpoint(path: str, model, optimizer, step: int, args, cfg: CogVLACon
     os.replace(tmp, path)   # atomic: a crash mid-save leaves the previous checkpoint intact
 
 
+def finite_weights(model) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())   # one read-back
+
+
 def last_checkpoint(path) -> str:
     """The end of a stop message: where the last good checkpoint is, if there is one."""
     return f"; the last good checkpoint is {path}" if path and os.path.exists(path) else "; no checkpoint was saved"
@@ -391,10 +395,18 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
                     errors = [None] * world
                     dist.all_gather_object(errors, error)
                     errors = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+                    # gloo's worker thread frees the gather's tensors just after the call returns and
+                    # needs the GIL for it. Destroyed before that (the raise below frees the DDP model,
+                    # with the GIL held), the process group waits for that thread forever: gdb showed
+                    # this deadlock in 1 of 3 runs. Sleeping releases the GIL and lets the thread finish.
+                    time.sleep(0.1)
                 stop = RuntimeError if other_error else FloatingPointError
                 raise stop(f"[{mode}] stopping at step {step}: {'; '.join(errors)}{last_checkpoint(ckpt_path)}")
             if interrupted:   # the weights are those after `step` steps: save them as such
                 if rank == 0 and ckpt_path:
+                    if not finite_weights(policy):
+                        raise FloatingPointError(f"[{mode}] interrupted at step {step} with non-finite weights: "
+                                                 f"nothing saved{last_checkpoint(ckpt_path)}")
                     save_checkpoint(ckpt_path, policy, optimizer, step, args, cfg, world)
                     again = "the same flags + --resume" + (f" (with --dense for {mode}.pt)" if dense else "")
                     log(f"[{mode}] interrupted at step {step}; saved {ckpt_path}; continue with {again}"
@@ -418,7 +430,7 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
             if ckpt_path and (step % args.save_every == 0 or step == args.steps):
                 # A finite loss can still give non-finite gradients and then weights: never save those
                 # over the last good checkpoint. Every rank checks its (identical) copy: all stop together.
-                if not torch.stack([torch.isfinite(p).all() for p in policy.parameters()]).all():
+                if not finite_weights(policy):
                     raise FloatingPointError(f"[{mode}] stopping at step {step}: non-finite weights after "
                                              f"the optimizer step{last_checkpoint(ckpt_path)}")
                 if rank == 0:
