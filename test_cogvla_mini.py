@@ -2090,7 +2090,7 @@ def rank_with_a_nan(rank, port, argv):
             batch["actions"][0, 0, 0] = float("nan")
         return batch
 
-    train_toy.train, train_toy.make_batch = train, make_batch               # the forked process's copy only
+    train_toy.train, train_toy.make_batch = train, make_batch               # this (child) process's copy only
     train_toy.main(argv)
 
 
