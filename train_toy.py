@@ -398,7 +398,9 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
                     # gloo's worker thread frees the gather's tensors just after the call returns and
                     # needs the GIL for it. Destroyed before that (the raise below frees the DDP model,
                     # with the GIL held), the process group waits for that thread forever: gdb showed
-                    # this deadlock in 1 of 3 runs. Sleeping releases the GIL and lets the thread finish.
+                    # this deadlock in the suite's forked ranks (1 suite run in 3; never seen in fresh
+                    # processes, but nothing there prevents it). Sleeping releases the GIL and lets
+                    # the thread finish.
                     time.sleep(0.1)
                 stop = RuntimeError if other_error else FloatingPointError
                 raise stop(f"[{mode}] stopping at step {step}: {'; '.join(errors)}{last_checkpoint(ckpt_path)}")
