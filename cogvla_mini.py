@@ -680,10 +680,16 @@ class CogVLA(nn.Module):
                 # instruction as the mean of these embeddings, and at Llama's 0.02 that signal
                 # would be ~50x weaker than the image features it modulates.
                 nn.init.normal_(module.weight, std=1.0)
-        nn.init.normal_(self.state_embed, std=0.02)         # which state value a token carries
+        # Which state value a token carries. Not small: every layer reads a token through RMSNorm,
+        # which maps state_proj(s) = s * w to +-w / rms(w) and so erases the value's size; only
+        # the embedding added beside it lets norm(s * w + e) change smoothly with s. At 0.02 the
+        # toy trainer's loss stayed where knowing the gripper value alone puts it (~0.28) for
+        # 100-150 steps; at 0.3 it is below 0.2 by step 100 (at 1 as well, but one LFP seed of
+        # three then never learned the task; README: what was tried).
+        nn.init.normal_(self.state_embed, std=0.3)
         # Queries that predict the same action value (dx at every chunk step, say) start alike,
         # so where to look, once one of them learns it, is learned for all ten; a difference of
-        # 2% lets them part later. Small (0.02), like the state embeddings (README: what was tried).
+        # 2% lets them part later. Small (0.02; README: what was tried).
         per_value = 0.02 * torch.randn(self.cfg.action_dim, self.cfg.d_model)          # [A, D]
         per_query = repeat(per_value, "a d -> (c a) d", c=self.cfg.chunk_len)           # [C A, D] as the head reads them
         self.action_queries.data.copy_(per_query + 0.02 * 0.02 * torch.randn_like(per_query))
