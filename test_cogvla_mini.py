@@ -1496,6 +1496,34 @@ def test_embed_lays_out_bos_vision_text_state_queries():
     assert_close(seq[:, s0 + cfg.n_state:], model.action_queries.expand(B, -1, -1), 0.0, "the action queries last")
 
 
+def test_state_value_survives_the_first_norm_at_init():
+    """Every layer reads a token through RMSNorm, which keeps a vector's direction and drops its
+    size. state_proj(s) = s * w alone (its bias starts at zero) would reach the first layer as
+    +-w / rms(w), whatever s is; the state embedding added beside it must make the normed token
+    turn with s. (At std 0.02 the toy trainer's loss stalled for 100-150 steps.)"""
+    torch.manual_seed(0)
+    model = cm.CogVLA(cm.CogVLAConfig.tiny(n_layers=2, schedule={1: 0.5}))
+    cfg = model.cfg
+    images, text_ids, _, _ = model.example_inputs(batch_size=2)
+    state = torch.tensor([[0.1] * cfg.n_state, [0.7] * cfg.n_state])          # the same sign, 7x the size
+
+    @torch.no_grad()
+    def cosine():   # of the two samples' normed state tokens, as layer 0 reads them -> [n_state]
+        seq = model.embed(images, text_ids, state)                             # [2, N, D]
+        tokens = model.llm.layers[0].input_layernorm(seq[:, cfg.action_start:cfg.action_start + cfg.n_state])
+        return torch.cosine_similarity(tokens[0], tokens[1], dim=-1)
+
+    cos = cosine()
+    assert (cos < 0.95).all(), (
+        f"the normed state tokens for s = 0.1 and s = 0.7 point the same way (cosine {cos.tolist()}): the first "
+        f"layer can hardly tell the two values apart. RMSNorm drops the size of s * w; the state embedding, "
+        f"added beside it, must be of comparable size (CogVLA.reset_parameters)")
+    with torch.no_grad():
+        model.state_embed.zero_()
+    cos = cosine()   # the reason, shown: without the embedding the value's size is gone
+    assert (cos > 0.9999).all(), f"with state_embed = 0 the normed state tokens should coincide, cosine {cos.tolist()}"
+
+
 @pytest.mark.parametrize("prune", [False, True])
 def test_query_i_lands_at_step_i_div_action_dim_value_i_mod_action_dim(prune):
     cfg = small_cfg()
