@@ -680,12 +680,12 @@ class CogVLA(nn.Module):
                 # instruction as the mean of these embeddings, and at Llama's 0.02 that signal
                 # would be ~50x weaker than the image features it modulates.
                 nn.init.normal_(module.weight, std=1.0)
-        # Which state value a token carries. Not small: every layer reads a token through RMSNorm,
-        # which maps state_proj(s) = s * w to +-w / rms(w) and so erases the value's size; only
-        # the embedding added beside it lets norm(s * w + e) change smoothly with s. At 0.02 the
-        # toy trainer's loss stayed where knowing the gripper value alone puts it (~0.28) for
-        # 100-150 steps; at 0.3 it is below 0.2 by step 100 (at 1 as well, but one LFP seed of
-        # three then never learned the task; README: what was tried).
+        # Which state value a token carries. Not small: the first layer reads each token through
+        # RMSNorm, which maps state_proj(s) = s * w (its bias starts at 0) to +-w / rms(w) and so
+        # erases the value's size; only the embedding added beside it lets norm(s * w + e) turn
+        # with s. At 0.02 the toy trainer's loss stayed at ~0.28 (about what the gripper value
+        # alone gives) for 100-150 steps; at 1 the embedding starts to drown the value. (README:
+        # what was tried; test_state_value_survives_the_first_norm_at_init.)
         nn.init.normal_(self.state_embed, std=0.3)
         # Queries that predict the same action value (dx at every chunk step, say) start alike,
         # so where to look, once one of them learns it, is learned for all ten; a difference of
