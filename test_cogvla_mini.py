@@ -1787,10 +1787,10 @@ def test_toy_other_instruction_on_the_same_scene_changes_the_target():
 
 def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
     lines = []
-    train_toy.main(["--steps", "20", "--no-maps"] + TOY_ARGS, log=lines.append)
+    train_toy.main(["--steps", "20", "--no-maps", "--where-read"] + TOY_ARGS, log=lines.append)
     losses = [float(l.split("loss ")[1].split()[0]) for l in lines if " loss " in l]
     assert len(losses) == 20
-    curve = [l for l in lines if "held-out" in l]
+    curve = [l for l in lines if "held-out" in l and " step " in l]
     assert len(curve) == 1 and "step    20/20" in curve[0] and "nearest" in curve[0]   # --eval-every 50: the last step
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
     result = json.loads(lines[-1])
@@ -1798,6 +1798,10 @@ def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
     assert 0 <= result["success"] <= 1 and result["l1"] > 0
     assert set(result["kept_share"]) == set(result["kept_share_other"]) == set(result["chance"]) \
         == {"1", "2", "3", "4", "5", "6"}
+    assert list(result["where_read"]) == ["as trained", "dropped at LFP layers 5, 6 (the deepest)",
+                                          "dropped at LFP layers 1, 2, 3, 4, 5, 6", "hidden at standard layer 0",
+                                          "hidden at standard layer 7", "hidden at standard layers 0, 7"]
+    assert result["where_read"]["as trained"]["success"] == result["success"]   # the same evaluation, untouched
     assert result["chance"]["6"] == pytest.approx(int(192 * 0.2) / 192, abs=1e-4)
 
 
@@ -1813,6 +1817,65 @@ def test_toy_grounding_loss_reaches_the_vision_tower_and_never_the_decoder():
     # (the fusion MLP's first layer gets none yet: its output layer starts at zero)
     assert {n for n in grads if n.startswith("vla.vision.") and ".fusion.0." not in n} <= reached
     assert not {n for n in reached if n.startswith(("vla.llm.layers.", "vla.llm.norm", "vla.action", "vla.state"))}
+
+
+def test_toy_withheld_named_block_is_never_kept_where_dropped_and_unread_where_hidden():
+    """--where-read's intervention does what its report says. Dropped at LFP layers 5 and 6: none
+    of the named block's patches is kept there, and layers 1-4 keep exactly what they kept before.
+    Hidden at standard layer 0: the text, state and query rows of that layer's output do not
+    change when the named block's input rows are replaced by noise (they do without hiding)."""
+    torch.manual_seed(0)
+    vla = train_toy.ToyPolicy(train_toy.toy_config()).vla.eval()
+    cfg = vla.cfg
+    batch = train_toy.make_batch(4, seed=7)
+    named = batch["named_patches"]                                          # [4, V]
+
+    def kept_named(records):   # layer -> (named-block patches kept, kept indices)
+        counts = {}
+        for r in records:
+            is_kept = torch.zeros(4, cfg.seq_len, dtype=torch.bool).scatter(1, r.kept_indices, True)   # [4, N]
+            counts[r.layer] = (int((is_kept[:, cfg.vision_start:cfg.text_start] & named).sum()), r.kept_indices)
+        return counts
+
+    with torch.no_grad():
+        embeds = vla.embed(batch["images"], batch["text_ids"], batch["state"])   # [4, N, D]
+        before, after = [], []
+        vla.llm(embeds, prune=True, records=before)
+        with train_toy.named_block_withheld(vla, named, drop_at=[5, 6]):
+            vla.llm(embeds, prune=True, records=after)
+    before, after = kept_named(before), kept_named(after)
+    assert before[5][0] + before[6][0] > 0, "the untrained routers kept no named patch at 5-6: nothing to test"
+    assert after[5][0] == after[6][0] == 0, \
+        f"named-block patches kept where they were dropped: layer 5 {after[5][0]}, layer 6 {after[6][0]}"
+    for layer in (1, 2, 3, 4):
+        assert torch.equal(before[layer][1], after[layer][1]), f"layer {layer} changed: only 5 and 6 were told to drop"
+
+    noisy = embeds.clone()
+    noisy[:, cfg.vision_start:cfg.text_start][named] = torch.randn(int(named.sum()), cfg.d_model)
+    outputs = []
+    hook = vla.llm.layers[0].register_forward_hook(lambda layer, inputs, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            for hide in ([0], []):
+                for x in (embeds, noisy):
+                    with train_toy.named_block_withheld(vla, named, hide_at=hide):
+                        vla.llm(x, prune=True)
+    finally:
+        hook.remove()
+    after_text = [o[:, cfg.text_start:] for o in outputs]                  # text, state and query rows
+    torch.testing.assert_close(after_text[0], after_text[1], msg="hidden at layer 0, yet text/state/queries "
+                               "there changed with the named block's rows: they still attend to it")
+    assert not torch.allclose(after_text[2], after_text[3]), "not hidden, yet the named block's rows change nothing"
+    with pytest.raises(ValueError, match="LFP layer.*drop_at"):
+        with train_toy.named_block_withheld(vla, named, hide_at=[3]):
+            pass
+
+
+@pytest.mark.parametrize("flags", [["--dense"], ["--tokens", "agg", "--ground-weight", "0"]])
+def test_toy_where_read_is_refused_without_an_lfp_model_on_patches(flags, capsys):
+    with pytest.raises(SystemExit):
+        train_toy.parse_args(["--where-read"] + flags)
+    assert "--where-read withholds the named block's patches from an LFP model" in capsys.readouterr().err
 
 
 def test_toy_grounding_probe_alone_teaches_the_vision_tower_to_mark_the_named_block():

@@ -15,6 +15,7 @@ teaches the vision tower which block the words name. The LFP routers are never g
     python train_toy.py --compare       # dense and LFP from the same seed, side by side
     python train_toy.py --no-film       # LFP without the router's FiLM (the ablation)
     python train_toy.py --tokens agg    # CogVLA's aggregation tokens instead of patches
+    python train_toy.py --where-read    # then: which layers does the action read the named block in?
     torchrun --standalone --nproc_per_node=2 train_toy.py   # DistributedDataParallel
 
 Everything is generated here; nothing is downloaded. The last line printed is one JSON
@@ -40,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from cogvla_mini import CogVLA, CogVLAConfig, SEED_SCHEDULE
+from cogvla_mini import CogVLA, CogVLAConfig, LFPDecoderLayer, SEED_SCHEDULE
 
 # %% ====================================================================================
 # The synthetic task
@@ -147,11 +148,12 @@ def render(pos, colors):
 # ======================================================================================
 
 @torch.no_grad()
-def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 64) -> dict:
+def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 64, withhold=None) -> dict:
     """Held-out metrics. Where the gripper ends: `nearest` (closer to the named block than to
     the other two; chance 1/3), `success` (within SUCCESS_TOLERANCE of its centre) and
     `success_015` (within STRICT_TOLERANCE). What LFP kept: per LFP layer, the share of the named block's
-    patches kept, the other blocks' share, and chance (the layer's keep ratio)."""
+    patches kept, the other blocks' share, and chance (the layer's keep ratio). `withhold`: keyword
+    arguments of `named_block_withheld`, applied to every batch."""
     was_training = model.training
     model.eval()
     cfg = model.cfg
@@ -162,7 +164,8 @@ def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 6
     patch_mode = cfg.n_agg_tokens == 0
     for start in range(0, n, batch_size):
         part = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
-        with autocast(device):
+        withheld = named_block_withheld(model, part["named_patches"], **withhold) if withhold else contextlib.nullcontext()
+        with autocast(device), withheld:
             out = model(part["images"], part["text_ids"], part["state"], part["actions"], prune=prune)
         pred = out.actions.float()
         l1 += F.l1_loss(pred, part["actions"], reduction="sum").item() / pred[0].numel()
@@ -216,6 +219,66 @@ def keep_maps(model: CogVLA, data: dict, device, sample: int = 0) -> str:
             lines.append(f"{label:<8}" + "  ".join(cells))
         lines.append("")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def named_block_withheld(model: CogVLA, named_patches, drop_at=(), hide_at=()):
+    """Withhold the named block's patches (named_patches [B, V] bool) from chosen layers, for
+    the passes run inside: at each LFP layer in `drop_at` the router must drop them (their keep
+    probability is set to -1, below any real one, before the top-k); at each standard layer in
+    `hide_at` the tokens after the vision segment (text, state, action queries) may not attend
+    to them. The vision tokens still see each other. A causal test of where the action reads
+    the block, which the keep shares alone cannot tell."""
+    cfg, layers = model.cfg, model.llm.layers
+    for i in hide_at:
+        if isinstance(layers[i], LFPDecoderLayer):
+            raise ValueError(f"hide_at: layer {i} is an LFP layer (use drop_at); standard layers: "
+                             f"{[j for j, l in enumerate(layers) if not isinstance(l, LFPDecoderLayer)]}")
+
+    def drop(router, inputs, keep_prob):                                    # keep_prob [B, N]
+        keep_prob = keep_prob.clone()
+        keep_prob[:, cfg.vision_start:cfg.text_start][named_patches] = -1.0
+        return keep_prob
+
+    def hide(layer, inputs):                                                # layer(x, cos, sin, mask)
+        x, cos, sin, mask = inputs
+        N = x.shape[1]
+        keys = F.pad(named_patches, (cfg.vision_start, N - cfg.text_start))  # [B, N] the named block's columns
+        queries = torch.arange(N, device=x.device) >= cfg.text_start        # [N] text, state, action rows
+        return x, cos, sin, mask & ~(queries[None, :, None] & keys[:, None, :])[:, None]  # [B, 1, N, N]
+
+    hooks = [layers[i].router.register_forward_hook(drop) for i in drop_at]
+    hooks += [layers[i].register_forward_pre_hook(hide) for i in hide_at]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def where_the_block_is_read(model: CogVLA, data: dict, device, log=print) -> dict:
+    """Evaluate the LFP model again with the named block withheld from some layers (see
+    named_block_withheld): if success holds when the router may not keep the block at a layer,
+    the action does not read it there, whatever the keep shares say."""
+    layers = model.llm.layers
+    lfp = [i for i, l in enumerate(layers) if isinstance(l, LFPDecoderLayer)]
+    standard = [i for i in range(len(layers)) if i not in lfp]
+
+    def listed(ids):
+        return ", ".join(map(str, ids))
+    cases = {"as trained": {},
+             f"dropped at LFP layers {listed(lfp[-2:])} (the deepest)": dict(drop_at=lfp[-2:]),
+             f"dropped at LFP layers {listed(lfp)}": dict(drop_at=lfp)}
+    cases.update({f"hidden at standard layer {i}": dict(hide_at=[i]) for i in standard})
+    cases[f"hidden at standard layers {listed(standard)}"] = dict(hide_at=standard)
+    log(f"where the action reads the named block ({len(data['state'])} held-out scenes; dropped: the "
+        f"router may not keep its patches; hidden: text, state and queries may not attend to them):")
+    results = {}
+    for name, withhold in cases.items():
+        m = evaluate(model, data, prune=True, device=device, withhold=withhold)
+        results[name] = {k: m[k] for k in ("nearest", "success", "success_015")}
+        log(f"  {name:<40} nearest {m['nearest']:6.1%}  success {m['success']:6.1%}  within 0.15 {m['success_015']:6.1%}")
+    return results
 
 
 def autocast(device):
@@ -446,6 +509,8 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
     metrics = evaluate(model, eval_data, prune=not dense, device=device)
     if args.tokens == "patch" and not dense and args.maps:
         log(keep_maps(model, eval_data, device))
+    if args.where_read and not dense:
+        metrics["where_read"] = where_the_block_is_read(model, eval_data, device, log)
     return dict(mode=mode, tokens=args.tokens, film=film, ground_weight=args.ground_weight, steps=step,
                 seconds=round(seconds, 1), **metrics)
 
@@ -489,6 +554,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=25, help="steps between progress lines")
     p.add_argument("--no-maps", dest="maps", action="store_false", help="do not print the ASCII keep maps")
+    p.add_argument("--where-read", action="store_true",
+                   help="after an LFP run, evaluate again with the named block withheld from chosen layers: "
+                        "which layers does the action read it in? (6 more evaluations, ~20 s on 2 CPU cores)")
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out DIR, the directory of the run to continue")
@@ -496,6 +564,9 @@ def parse_args(argv=None):
         p.error("--compare trains both modes itself: leave out --dense and --resume")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available")
+    if args.where_read and (args.tokens == "agg" or args.dense):
+        p.error("--where-read withholds the named block's patches from an LFP model: it needs --tokens patch "
+                "and no --dense")
     if args.ground_weight is None:
         args.ground_weight = 1.0 if args.tokens == "patch" else 0.0
     if args.ground_weight < 0 or (args.ground_weight > 0 and args.tokens == "agg"):
