@@ -1798,9 +1798,11 @@ def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
     assert 0 <= result["success"] <= 1 and result["l1"] > 0
     assert set(result["kept_share"]) == set(result["kept_share_other"]) == set(result["chance"]) \
         == {"1", "2", "3", "4", "5", "6"}
-    assert list(result["where_read"]) == ["as trained", "dropped at LFP layers 5, 6 (the deepest)",
-                                          "dropped at LFP layers 1, 2, 3, 4, 5, 6", "hidden at standard layer 0",
-                                          "hidden at standard layer 7", "hidden at standard layers 0, 7"]
+    assert list(result["where_read"]) == [
+        "as trained", "named block dropped at LFP layers 5, 6", "named block dropped at LFP layers 1, 2, 3, 4, 5, 6",
+        "other blocks (control) dropped at LFP layers 1, 2, 3, 4, 5, 6", "named block hidden at standard layer 0",
+        "named block hidden at standard layer 7", "named block hidden at standard layers 0, 7",
+        "other blocks (control) hidden at standard layers 0, 7"]
     assert result["where_read"]["as trained"]["success"] == result["success"]   # the same evaluation, untouched
     assert result["chance"]["6"] == pytest.approx(int(192 * 0.2) / 192, abs=1e-4)
 
@@ -1819,55 +1821,69 @@ def test_toy_grounding_loss_reaches_the_vision_tower_and_never_the_decoder():
     assert not {n for n in reached if n.startswith(("vla.llm.layers.", "vla.llm.norm", "vla.action", "vla.state"))}
 
 
-def test_toy_withheld_named_block_is_never_kept_where_dropped_and_unread_where_hidden():
-    """--where-read's intervention does what its report says. Dropped at LFP layers 5 and 6: none
-    of the named block's patches is kept there, and layers 1-4 keep exactly what they kept before.
-    Hidden at standard layer 0: the text, state and query rows of that layer's output do not
-    change when the named block's input rows are replaced by noise (they do without hiding)."""
+def test_toy_withheld_patches_are_not_kept_where_dropped_and_not_seen_where_hidden():
+    """--where-read's intervention withholds exactly what its report says, and nothing more.
+    Dropped at LFP layers 5 and 6: none of the named block's patches is kept there, layers 1-4
+    keep what they kept before, and at layer 5 every token kept before is still kept (the freed
+    places go to others). Hidden at a standard layer (0 and 7, each called alone): the text,
+    state and query rows of its output ignore the named block's rows, still see the other
+    blocks' rows, and the vision rows come out as without hiding."""
     torch.manual_seed(0)
     vla = train_toy.ToyPolicy(train_toy.toy_config()).vla.eval()
-    cfg = vla.cfg
+    cfg, V0, T0 = vla.cfg, vla.cfg.vision_start, vla.cfg.text_start
     batch = train_toy.make_batch(4, seed=7)
-    named = batch["named_patches"]                                          # [4, V]
+    named, other = batch["named_patches"], batch["other_patches"]          # [4, V] each
 
-    def kept_named(records):   # layer -> (named-block patches kept, kept indices)
-        counts = {}
-        for r in records:
-            is_kept = torch.zeros(4, cfg.seq_len, dtype=torch.bool).scatter(1, r.kept_indices, True)   # [4, N]
-            counts[r.layer] = (int((is_kept[:, cfg.vision_start:cfg.text_start] & named).sum()), r.kept_indices)
-        return counts
+    def kept(records):   # layer -> [4, N] bool, the tokens the layer kept
+        return {r.layer: torch.zeros(4, cfg.seq_len, dtype=torch.bool).scatter(1, r.kept_indices, True)
+                for r in records}
 
     with torch.no_grad():
         embeds = vla.embed(batch["images"], batch["text_ids"], batch["state"])   # [4, N, D]
         before, after = [], []
         vla.llm(embeds, prune=True, records=before)
-        with train_toy.named_block_withheld(vla, named, drop_at=[5, 6]):
+        with train_toy.patches_withheld(vla, named, drop_at=[5, 6]):
             vla.llm(embeds, prune=True, records=after)
-    before, after = kept_named(before), kept_named(after)
-    assert before[5][0] + before[6][0] > 0, "the untrained routers kept no named patch at 5-6: nothing to test"
-    assert after[5][0] == after[6][0] == 0, \
-        f"named-block patches kept where they were dropped: layer 5 {after[5][0]}, layer 6 {after[6][0]}"
+    before, after = kept(before), kept(after)
+    assert (before[5][:, V0:T0] & named).any() or (before[6][:, V0:T0] & named).any(), \
+        "the untrained routers kept no named patch at layers 5-6: nothing to test"
+    for layer in (5, 6):
+        assert not (after[layer][:, V0:T0] & named).any(), f"named-block patches kept at layer {layer}, where dropped"
     for layer in (1, 2, 3, 4):
-        assert torch.equal(before[layer][1], after[layer][1]), f"layer {layer} changed: only 5 and 6 were told to drop"
+        assert torch.equal(before[layer], after[layer]), f"layer {layer} changed: only 5 and 6 were told to drop"
+    named_cols = torch.zeros(4, cfg.seq_len, dtype=torch.bool)
+    named_cols[:, V0:T0] = named                                           # [4, N]
+    lost = before[5] & ~after[5]                                           # kept before, not after
+    assert not (lost & ~named_cols).any(), "at layer 5 a token outside the named block lost its place"
+    assert after[5].sum() == before[5].sum(), "layer 5 kept fewer tokens: the freed places must go to others"
 
-    noisy = embeds.clone()
-    noisy[:, cfg.vision_start:cfg.text_start][named] = torch.randn(int(named.sum()), cfg.d_model)
-    outputs = []
-    hook = vla.llm.layers[0].register_forward_hook(lambda layer, inputs, out: outputs.append(out))
-    try:
-        with torch.no_grad():
-            for hide in ([0], []):
-                for x in (embeds, noisy):
-                    with train_toy.named_block_withheld(vla, named, hide_at=hide):
-                        vla.llm(x, prune=True)
-    finally:
-        hook.remove()
-    after_text = [o[:, cfg.text_start:] for o in outputs]                  # text, state and query rows
-    torch.testing.assert_close(after_text[0], after_text[1], msg="hidden at layer 0, yet text/state/queries "
-                               "there changed with the named block's rows: they still attend to it")
-    assert not torch.allclose(after_text[2], after_text[3]), "not hidden, yet the named block's rows change nothing"
-    with pytest.raises(ValueError, match="LFP layer.*drop_at"):
-        with train_toy.named_block_withheld(vla, named, hide_at=[3]):
+    x = torch.randn(4, cfg.seq_len, cfg.d_model)
+    positions = torch.arange(cfg.seq_len)[None]
+    cos, sin = vla.llm.rotary_emb(positions, x.dtype)
+    mask = cm.attention_mask(cfg, positions)
+
+    def noise_in(which):   # x with the rows of these patches replaced by noise
+        y = x.clone()
+        y[:, V0:T0][which] = torch.randn(int(which.sum()), cfg.d_model)
+        return y
+    with torch.no_grad():
+        for i in (0, 7):
+            layer = vla.llm.layers[i]
+            plain, plain_named = layer(x, cos, sin, mask), layer(noise_in(named), cos, sin, mask)
+            with train_toy.patches_withheld(vla, named, hide_at=[i]):
+                hidden, hidden_named, hidden_other = [layer(y, cos, sin, mask) for y in (x, noise_in(named), noise_in(other))]
+            torch.testing.assert_close(hidden[:, T0:], hidden_named[:, T0:], msg=f"hidden at layer {i}, yet the "
+                                       f"text/state/query rows changed with the named block's rows: they still see it")
+            assert not torch.allclose(hidden[:, T0:], hidden_other[:, T0:]), \
+                f"layer {i}: the other blocks' rows change nothing: more than the named block was hidden"
+            torch.testing.assert_close(hidden[:, :T0], plain[:, :T0], msg=f"layer {i}: the vision rows changed: "
+                                       f"hiding must only stop text, state and queries from seeing the block")
+            assert not torch.allclose(plain[:, T0:], plain_named[:, T0:]), f"layer {i}: without hiding, the named rows change nothing"
+    with pytest.raises(ValueError, match="layer 3 is an LFP layer"):
+        with train_toy.patches_withheld(vla, named, hide_at=[3]):
+            pass
+    with pytest.raises(ValueError, match="layer 0 is not an LFP layer"):
+        with train_toy.patches_withheld(vla, named, drop_at=[0]):
             pass
 
 

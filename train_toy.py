@@ -15,7 +15,7 @@ teaches the vision tower which block the words name. The LFP routers are never g
     python train_toy.py --compare       # dense and LFP from the same seed, side by side
     python train_toy.py --no-film       # LFP without the router's FiLM (the ablation)
     python train_toy.py --tokens agg    # CogVLA's aggregation tokens instead of patches
-    python train_toy.py --where-read    # then: which layers does the action read the named block in?
+    python train_toy.py --where-read    # then: which layers does the action need the named block in?
     torchrun --standalone --nproc_per_node=2 train_toy.py   # DistributedDataParallel
 
 Everything is generated here; nothing is downloaded. The last line printed is one JSON
@@ -152,8 +152,9 @@ def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 6
     """Held-out metrics. Where the gripper ends: `nearest` (closer to the named block than to
     the other two; chance 1/3), `success` (within SUCCESS_TOLERANCE of its centre) and
     `success_015` (within STRICT_TOLERANCE). What LFP kept: per LFP layer, the share of the named block's
-    patches kept, the other blocks' share, and chance (the layer's keep ratio). `withhold`: keyword
-    arguments of `named_block_withheld`, applied to every batch."""
+    patches kept, the other blocks' share, and chance (the layer's keep ratio). `withhold`:
+    (which patches, e.g. "named_patches", {drop_at: ..., hide_at: ...}) for `patches_withheld`,
+    applied to every batch."""
     was_training = model.training
     model.eval()
     cfg = model.cfg
@@ -164,7 +165,7 @@ def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 6
     patch_mode = cfg.n_agg_tokens == 0
     for start in range(0, n, batch_size):
         part = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
-        withheld = named_block_withheld(model, part["named_patches"], **withhold) if withhold else contextlib.nullcontext()
+        withheld = patches_withheld(model, part[withhold[0]], **withhold[1]) if withhold else contextlib.nullcontext()
         with autocast(device), withheld:
             out = model(part["images"], part["text_ids"], part["state"], part["actions"], prune=prune)
         pred = out.actions.float()
@@ -222,30 +223,34 @@ def keep_maps(model: CogVLA, data: dict, device, sample: int = 0) -> str:
 
 
 @contextlib.contextmanager
-def named_block_withheld(model: CogVLA, named_patches, drop_at=(), hide_at=()):
-    """Withhold the named block's patches (named_patches [B, V] bool) from chosen layers, for
-    the passes run inside: at each LFP layer in `drop_at` the router must drop them (their keep
-    probability is set to -1, below any real one, before the top-k); at each standard layer in
-    `hide_at` the tokens after the vision segment (text, state, action queries) may not attend
-    to them. The vision tokens still see each other. A causal test of where the action reads
-    the block, which the keep shares alone cannot tell."""
+def patches_withheld(model: CogVLA, patches, drop_at=(), hide_at=()):
+    """Withhold some vision patches (patches [B, V] bool, e.g. the named block's) from chosen
+    layers, for the passes run inside: at each LFP layer in `drop_at` the router must drop them
+    (their keep probability is set to -1, below any real one, before the top-k); at each
+    standard layer in `hide_at` the tokens after the vision segment (text, state, action
+    queries) may not attend to them. The vision tokens still see each other. A causal test of
+    where the action reads a block, which the keep shares alone cannot tell."""
     cfg, layers = model.cfg, model.llm.layers
-    for i in hide_at:
-        if isinstance(layers[i], LFPDecoderLayer):
-            raise ValueError(f"hide_at: layer {i} is an LFP layer (use drop_at); standard layers: "
-                             f"{[j for j, l in enumerate(layers) if not isinstance(l, LFPDecoderLayer)]}")
+    lfp = [i for i, l in enumerate(layers) if isinstance(l, LFPDecoderLayer)]
+    for name, ids, ok in (("drop_at", drop_at, True), ("hide_at", hide_at, False)):
+        for i in ids:
+            if (i in lfp) != ok:
+                raise ValueError(f"{name}: layer {i} is {'not ' if ok else ''}an LFP layer; drop_at takes "
+                                 f"LFP layers {lfp}, hide_at the standard ones")
 
     def drop(router, inputs, keep_prob):                                    # keep_prob [B, N]
         keep_prob = keep_prob.clone()
-        keep_prob[:, cfg.vision_start:cfg.text_start][named_patches] = -1.0
+        # keep_prob[:, a:b] is a view: the boolean assignment writes into keep_prob itself.
+        keep_prob[:, cfg.vision_start:cfg.text_start][patches] = -1.0
         return keep_prob
 
     def hide(layer, inputs):                                                # layer(x, cos, sin, mask)
         x, cos, sin, mask = inputs
         N = x.shape[1]
-        keys = F.pad(named_patches, (cfg.vision_start, N - cfg.text_start))  # [B, N] the named block's columns
-        queries = torch.arange(N, device=x.device) >= cfg.text_start        # [N] text, state, action rows
-        return x, cos, sin, mask & ~(queries[None, :, None] & keys[:, None, :])[:, None]  # [B, 1, N, N]
+        withheld_cols = F.pad(patches, (cfg.vision_start, N - cfg.text_start))  # [B, N] keys to hide
+        reader_rows = torch.arange(N, device=x.device) >= cfg.text_start     # [N] text, state, query rows
+        blocked = reader_rows[None, :, None] & withheld_cols[:, None, :]     # [B, N, N] row may not see column
+        return x, cos, sin, mask & ~blocked[:, None]                         # [B, 1, N, N]
 
     hooks = [layers[i].router.register_forward_hook(drop) for i in drop_at]
     hooks += [layers[i].register_forward_pre_hook(hide) for i in hide_at]
@@ -258,26 +263,31 @@ def named_block_withheld(model: CogVLA, named_patches, drop_at=(), hide_at=()):
 
 def where_the_block_is_read(model: CogVLA, data: dict, device, log=print) -> dict:
     """Evaluate the LFP model again with the named block withheld from some layers (see
-    named_block_withheld): if success holds when the router may not keep the block at a layer,
-    the action does not read it there, whatever the keep shares say."""
+    patches_withheld): if success holds when the router may not keep the block at a layer, the
+    action does not need it there, whatever the keep shares say. The control withholds the two
+    other blocks the same way: a model put into conditions it never saw may fail for that
+    reason alone, and the control shows how much."""
     layers = model.llm.layers
     lfp = [i for i, l in enumerate(layers) if isinstance(l, LFPDecoderLayer)]
     standard = [i for i in range(len(layers)) if i not in lfp]
 
     def listed(ids):
         return ", ".join(map(str, ids))
-    cases = {"as trained": {},
-             f"dropped at LFP layers {listed(lfp[-2:])} (the deepest)": dict(drop_at=lfp[-2:]),
-             f"dropped at LFP layers {listed(lfp)}": dict(drop_at=lfp)}
-    cases.update({f"hidden at standard layer {i}": dict(hide_at=[i]) for i in standard})
-    cases[f"hidden at standard layers {listed(standard)}"] = dict(hide_at=standard)
+    named, other = "named block", "other blocks (control)"
+    cases = {"as trained": None,
+             f"{named} dropped at LFP layers {listed(lfp[-2:])}": ("named_patches", dict(drop_at=lfp[-2:])),
+             f"{named} dropped at LFP layers {listed(lfp)}": ("named_patches", dict(drop_at=lfp)),
+             f"{other} dropped at LFP layers {listed(lfp)}": ("other_patches", dict(drop_at=lfp))}
+    cases.update({f"{named} hidden at standard layer {i}": ("named_patches", dict(hide_at=[i])) for i in standard})
+    cases[f"{named} hidden at standard layers {listed(standard)}"] = ("named_patches", dict(hide_at=standard))
+    cases[f"{other} hidden at standard layers {listed(standard)}"] = ("other_patches", dict(hide_at=standard))
     log(f"where the action reads the named block ({len(data['state'])} held-out scenes; dropped: the "
-        f"router may not keep its patches; hidden: text, state and queries may not attend to them):")
-    results = {}
+        f"router may not keep those patches; hidden: text, state and queries may not attend to them):")
+    results, width = {}, max(map(len, cases))
     for name, withhold in cases.items():
         m = evaluate(model, data, prune=True, device=device, withhold=withhold)
         results[name] = {k: m[k] for k in ("nearest", "success", "success_015")}
-        log(f"  {name:<40} nearest {m['nearest']:6.1%}  success {m['success']:6.1%}  within 0.15 {m['success_015']:6.1%}")
+        log(f"  {name:<{width}} nearest {m['nearest']:6.1%}  success {m['success']:6.1%}  within 0.15 {m['success_015']:6.1%}")
     return results
 
 
@@ -556,7 +566,7 @@ def parse_args(argv=None):
     p.add_argument("--no-maps", dest="maps", action="store_false", help="do not print the ASCII keep maps")
     p.add_argument("--where-read", action="store_true",
                    help="after an LFP run, evaluate again with the named block withheld from chosen layers: "
-                        "which layers does the action read it in? (6 more evaluations, ~20 s on 2 CPU cores)")
+                        "which layers does the action need it in? (8 more evaluations, ~35 s on 2 CPU cores)")
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out DIR, the directory of the run to continue")
