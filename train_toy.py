@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from cogvla_mini import CogVLA, CogVLAConfig, LFPDecoderLayer, SEED_SCHEDULE
+from cogvla_mini import CogVLA, CogVLAConfig, SEED_SCHEDULE
 
 # %% ====================================================================================
 # The synthetic task
@@ -231,7 +231,7 @@ def patches_withheld(model: CogVLA, patches, drop_at=(), hide_at=()):
     queries) may not attend to them. The vision tokens still see each other. A causal test of
     where the action reads a block, which the keep shares alone cannot tell."""
     cfg, layers = model.cfg, model.llm.layers
-    lfp = [i for i, l in enumerate(layers) if isinstance(l, LFPDecoderLayer)]
+    lfp = sorted(cfg.lfp_ratios)                                            # the LFP layers' indices
     for name, ids, ok in (("drop_at", drop_at, True), ("hide_at", hide_at, False)):
         for i in ids:
             if (i in lfp) != ok:
@@ -267,9 +267,8 @@ def where_the_block_is_read(model: CogVLA, data: dict, device, log=print) -> dic
     action does not need it there, whatever the keep shares say. The control withholds the two
     other blocks the same way: a model put into conditions it never saw may fail for that
     reason alone, and the control shows how much."""
-    layers = model.llm.layers
-    lfp = [i for i, l in enumerate(layers) if isinstance(l, LFPDecoderLayer)]
-    standard = [i for i in range(len(layers)) if i not in lfp]
+    lfp = sorted(model.cfg.lfp_ratios)
+    standard = [i for i in range(model.cfg.n_layers) if i not in lfp]
 
     def listed(ids):
         return ", ".join(map(str, ids))
