@@ -280,7 +280,7 @@ def where_the_block_is_read(model: CogVLA, data: dict, device, log=print) -> dic
     cases.update({f"{named} hidden at standard layer {i}": ("named_patches", dict(hide_at=[i])) for i in standard})
     cases[f"{named} hidden at standard layers {listed(standard)}"] = ("named_patches", dict(hide_at=standard))
     cases[f"{other} hidden at standard layers {listed(standard)}"] = ("other_patches", dict(hide_at=standard))
-    log(f"where the action reads the named block ({len(data['state'])} held-out scenes; dropped: the "
+    log(f"which layers the action needs the named block in ({len(data['state'])} held-out scenes; dropped: the "
         f"router may not keep those patches; hidden: text, state and queries may not attend to them):")
     results, width = {}, max(map(len, cases))
     for name, withhold in cases.items():
