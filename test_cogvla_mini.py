@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import cogvla_mini as cm
 import train_toy
 from cogvla_mini import CogVLA, CogVLAConfig
@@ -608,7 +609,7 @@ def test_filmed_vision_scores_spliced_in_equal_the_clear_concatenation():
 
 def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
     lines = []
-    rows = cm.benchmark(width=64, batch=1, reps=1, warmup=0, out=lines.append)
+    rows = bench.benchmark(width=64, batch=1, reps=1, warmup=0, out=lines.append)
     parsed = [json.loads(line) for line in lines]
     assert parsed == rows
     assert [(r["schedule"], r["pass"]) for r in rows] == [
@@ -616,11 +617,11 @@ def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
     for r in rows:
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["lfp_ms"], rel=0.01)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"], rel=0.01)
-        cfg = cm.bench_config(r["schedule"], 64, full=False)
+        cfg = bench.bench_config(r["schedule"], 64, full=False)
         assert r["bound"] == pytest.approx(cm.account(cfg, 1).speedup_bound, abs=1e-3)
     backward = [r for r in rows if r["pass"] == "forward+backward"]
     assert all(r["dense_saved_mib"] > 0 and r["lfp_saved_mib"] > 0 for r in backward)
-    timings = cm.profile_lfp_layer(width=64, batch=1, reps=1, out=lines.append)
+    timings = bench.profile_lfp_layer(width=64, batch=1, reps=1, out=lines.append)
     assert timings["LFP layer (forward_lfp)"] > 0 and timings["standard layer on K tokens"] > 0
     # The profile is of the real forward_lfp: its top-k, gather (indexing) and scatter (index_put_) show up by name.
     assert {"op aten::topk", "op aten::index", "op aten::index_put_"} <= set(timings)
@@ -742,7 +743,7 @@ def test_forward_without_value_checks_never_reads_a_value_back(monkeypatch):
 
 def test_full_size_benchmark_is_refused_without_a_gpu():
     with pytest.raises(ValueError, match="needs a GPU, got device 'cpu'"):
-        cm.benchmark(full=True, device="cpu")
+        bench.benchmark(full=True, device="cpu")
 
 
 def llama_keys(n_layers):
@@ -2234,7 +2235,7 @@ def test_toy_trains_with_two_processes_and_a_nan_on_one_rank_stops_every_rank_at
 #                                                                   from DIR, every other one from REFERENCE
 
 HERE = Path(__file__).resolve().parent
-PROJECT_FILES = (".ci/run", ".gitignore", "README.md", "cogvla_mini.py", "pytest.ini", "requirements.txt",
+PROJECT_FILES = (".ci/run", ".gitignore", "README.md", "bench.py", "cogvla_mini.py", "pytest.ini", "requirements.txt",
                  "test_cogvla_mini.py", "train_toy.py")
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# --- exercise (?P<id>\w+): (?P<kind>begin|end) ---$")
 STUB_RAISE = ('raise NotImplementedError("exercise {id}: not started ({where}); '
