@@ -295,66 +295,8 @@ def attention_mask(cfg: CogVLAConfig, token_idx):
 
 
 # %% ====================================================================================
-# LFP: schedule, router, select, gather, scatter, the layer
+# LFP: router, select, gather, scatter, the layer; then the schedule
 # ======================================================================================
-
-def shifted_cos_with_ratio(average: float, layer: int, n_layers: int) -> float:
-    """The reference's keep ratio: high in shallow layers, low in deep ones, mean `average`."""
-    # --- exercise schedule: begin ---
-    return math.cos(layer * math.pi / (n_layers - 1)) / 2 + average
-    # --- exercise schedule: end ---
-
-
-def shifted_linear_with_ratio(average: float, layer: int, n_layers: int) -> float:
-    return (-layer / (n_layers - 1) + 0.5) + average
-
-
-# The seed names layers 5, 10, ..., 30 and prints token counts 227/207/179/140/115/102.
-# Its printed ratios (0.85, 0.75, 0.60, 0.40, 0.30, 0.20) do not give those counts
-# (0.75 x 192 = 144 -> 208 tokens; 0.30 x 192 = 57 -> 121), and neither does its own
-# formula shifted_cos_with_ratio(0.5, l, 32), which gives 0.937, 0.764, 0.525, 0.280,
-# 0.090, 0.003. These ratios are the ones whose int(192 x ratio) reproduces the counts:
-# 163, 143, 115, 76, 51, 38 vision tokens kept (+ BOS, 20 text, 43 action = the counts).
-SEED_SCHEDULE = {5: 0.85, 10: 0.745, 15: 0.60, 20: 0.40, 25: 0.266, 30: 0.20}
-REFERENCE_SCHEDULE = "shiftedcos_decay_0.85_0.15"   # the public code's default
-
-
-def lfp_schedule(cfg: CogVLAConfig) -> dict[int, float]:
-    """{layer: ratio of vision tokens kept} for the config's schedule; raises on a bad one."""
-    s, L = cfg.schedule, cfg.n_layers
-    if isinstance(s, dict):
-        table = dict(s)
-    elif s == "seed":
-        if L != 32:
-            raise ValueError(f'schedule "seed" is defined for 32 layers, got n_layers={L}; use '
-                             f'"shiftedcos_decay_0.85_0.15", "shiftedlinear_decay_0.85_0.15" or a '
-                             f'{{layer: ratio}} dict')
-        table = dict(SEED_SCHEDULE)
-    elif isinstance(s, str) and (m := re.fullmatch(r"(shiftedcos|shiftedlinear)_decay_([\d.]+)_([\d.]+)", s)):
-        kind, top, floor = m.group(1), float(m.group(2)), float(m.group(3))
-        if not 0 < floor <= top <= 1:
-            raise ValueError(f"schedule {s!r}: expected 0 < min <= max <= 1, got max={top}, min={floor}")
-        curve = shifted_cos_with_ratio if kind == "shiftedcos" else shifted_linear_with_ratio
-        # --- exercise schedule: begin ---
-        # The reference's rule: a layer prunes where the curve is at or below `max`; the ratio is floored at `min`.
-        table = {l: max(r, floor) for l in range(L) if (r := curve(cfg.lfp_average, l, L)) <= top}
-        # --- exercise schedule: end ---
-    else:
-        raise ValueError(f'unknown schedule {s!r}: expected "seed", "shiftedcos_decay_<max>_<min>", '
-                         f'"shiftedlinear_decay_<max>_<min>" or a {{layer: ratio}} dict')
-    for layer, ratio in table.items():
-        if not (isinstance(layer, int) and 0 <= layer < L):
-            raise ValueError(f"LFP layer index must be an int in [0, {L}), got {layer!r}")
-        if not 0 < ratio <= 1:
-            raise ValueError(f"LFP ratio for layer {layer} must be in (0, 1], got {ratio!r}")
-    return dict(sorted(table.items()))
-
-
-def n_kept_tokens(cfg: CogVLAConfig, ratio: float) -> int:
-    """K = all tokens minus the vision tokens this ratio drops (Phase 2.1)."""
-    visual_kept = int(cfg.n_vision * ratio)
-    return cfg.seq_len - (cfg.n_vision - visual_kept)
-
 
 class Router(nn.Module):
     """Phase 1: score every token's wish to be kept, the vision tokens FiLMed by the text."""
@@ -386,6 +328,12 @@ class Router(nn.Module):
                                 logits[:, cfg.text_start:]], dim=1)          # [B, N, 2]
         return logits.softmax(dim=-1)[..., 1]                                 # [B, N] keep probability
         # --- exercise router: end ---
+
+
+def n_kept_tokens(cfg: CogVLAConfig, ratio: float) -> int:
+    """K = all tokens minus the vision tokens this ratio drops (Phase 2.1)."""
+    visual_kept = int(cfg.n_vision * ratio)
+    return cfg.seq_len - (cfg.n_vision - visual_kept)
 
 
 def select(keep_prob, k: int, cfg: CogVLAConfig):
@@ -483,6 +431,60 @@ class LFPDecoderLayer(DecoderLayer):
             records.append(LFPRecord(self.layer, idx.detach(), keep_prob.detach()))
         return out  # Phase 6: the next layer sees all N tokens again
         # --- exercise lfp_layer: end ---
+
+
+# --- the schedule: which layers prune, and how much ------------------------------------
+
+def shifted_cos_with_ratio(average: float, layer: int, n_layers: int) -> float:
+    """The reference's keep ratio: high in shallow layers, low in deep ones, mean `average`."""
+    # --- exercise schedule: begin ---
+    return math.cos(layer * math.pi / (n_layers - 1)) / 2 + average
+    # --- exercise schedule: end ---
+
+
+def shifted_linear_with_ratio(average: float, layer: int, n_layers: int) -> float:
+    return (-layer / (n_layers - 1) + 0.5) + average
+
+
+# The seed names layers 5, 10, ..., 30 and prints token counts 227/207/179/140/115/102.
+# Its printed ratios (0.85, 0.75, 0.60, 0.40, 0.30, 0.20) do not give those counts
+# (0.75 x 192 = 144 -> 208 tokens; 0.30 x 192 = 57 -> 121), and neither does its own
+# formula shifted_cos_with_ratio(0.5, l, 32), which gives 0.937, 0.764, 0.525, 0.280,
+# 0.090, 0.003. These ratios are the ones whose int(192 x ratio) reproduces the counts:
+# 163, 143, 115, 76, 51, 38 vision tokens kept (+ BOS, 20 text, 43 action = the counts).
+SEED_SCHEDULE = {5: 0.85, 10: 0.745, 15: 0.60, 20: 0.40, 25: 0.266, 30: 0.20}
+REFERENCE_SCHEDULE = "shiftedcos_decay_0.85_0.15"   # the public code's default
+
+
+def lfp_schedule(cfg: CogVLAConfig) -> dict[int, float]:
+    """{layer: ratio of vision tokens kept} for the config's schedule; raises on a bad one."""
+    s, L = cfg.schedule, cfg.n_layers
+    if isinstance(s, dict):
+        table = dict(s)
+    elif s == "seed":
+        if L != 32:
+            raise ValueError(f'schedule "seed" is defined for 32 layers, got n_layers={L}; use '
+                             f'"shiftedcos_decay_0.85_0.15", "shiftedlinear_decay_0.85_0.15" or a '
+                             f'{{layer: ratio}} dict')
+        table = dict(SEED_SCHEDULE)
+    elif isinstance(s, str) and (m := re.fullmatch(r"(shiftedcos|shiftedlinear)_decay_([\d.]+)_([\d.]+)", s)):
+        kind, top, floor = m.group(1), float(m.group(2)), float(m.group(3))
+        if not 0 < floor <= top <= 1:
+            raise ValueError(f"schedule {s!r}: expected 0 < min <= max <= 1, got max={top}, min={floor}")
+        curve = shifted_cos_with_ratio if kind == "shiftedcos" else shifted_linear_with_ratio
+        # --- exercise schedule: begin ---
+        # The reference's rule: a layer prunes where the curve is at or below `max`; the ratio is floored at `min`.
+        table = {l: max(r, floor) for l in range(L) if (r := curve(cfg.lfp_average, l, L)) <= top}
+        # --- exercise schedule: end ---
+    else:
+        raise ValueError(f'unknown schedule {s!r}: expected "seed", "shiftedcos_decay_<max>_<min>", '
+                         f'"shiftedlinear_decay_<max>_<min>" or a {{layer: ratio}} dict')
+    for layer, ratio in table.items():
+        if not (isinstance(layer, int) and 0 <= layer < L):
+            raise ValueError(f"LFP layer index must be an int in [0, {L}), got {layer!r}")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"LFP ratio for layer {layer} must be in (0, 1], got {ratio!r}")
+    return dict(sorted(table.items()))
 
 
 # %% ====================================================================================
