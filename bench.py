@@ -13,18 +13,18 @@ from cogvla_mini import (REFERENCE_SCHEDULE, CogVLAConfig, DecoderLayer, LlamaDe
 
 
 def bench_config(schedule, width: int, full: bool) -> CogVLAConfig:
-    """The seed's layout (256 tokens, 32 layers) at `width`, Llama-2's proportions
-    (head dim 64 here, MLP 11008/4096 x width); `full` is the seed's own size."""
+    """The source's layout (256 tokens, 32 layers) at `width`, Llama-2's proportions
+    (head dim 64 here, MLP 11008/4096 x width); `full` is the source's own size."""
     # No value checks: each would make the LFP path wait for the GPU where dense does not.
     if full:
-        return CogVLAConfig.seed(schedule=schedule, check_values=False)
+        return CogVLAConfig.full(schedule=schedule, check_values=False)
     heads = max(1, width // 64)
     return CogVLAConfig.tiny(schedule=schedule, d_model=width, n_heads=heads, n_kv_heads=heads,
                              d_ff=int(width * 11008 / 4096), attn_impl="sdpa", check_values=False)
 
 
 def build_decoder(cfg: CogVLAConfig, device, dtype) -> LlamaDecoder:
-    """Build straight on `device` in `dtype`: at the seed's size a float32 copy on the CPU
+    """Build straight on `device` in `dtype`: at the source's size a float32 copy on the CPU
     first would take 27 GB."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -69,12 +69,12 @@ def saved_activation_bytes(llm: LlamaDecoder, fn) -> int:
     return sum(seen.values())
 
 
-def benchmark(schedules=("seed", REFERENCE_SCHEDULE), width=512, batch=4, full=False, device="cpu",
+def benchmark(schedules=("source", REFERENCE_SCHEDULE), width=512, batch=4, full=False, device="cpu",
               reps=9, warmup=1, passes=("forward", "forward+backward"), out=print) -> list[dict]:
     """Median ms of dense and LFP runs, interleaved, next to the FLOP bound. Returns one dict per
     (schedule, pass) and prints it as a JSON line."""
     if full and torch.device(device).type != "cuda":
-        raise ValueError(f"full=True is the seed's 6.7B-parameter decoder (13 GB in bf16): it needs a GPU, "
+        raise ValueError(f"full=True is the source's 6.7B-parameter decoder (13 GB in bf16): it needs a GPU, "
                          f"got device {device!r}; use a smaller width on the CPU")
     results = []
     dtype = torch.bfloat16 if full else torch.float32
@@ -184,11 +184,11 @@ if __name__ == "__main__":
     parser.add_argument("--width", type=int, default=512, help="d_model of the benchmarked decoder")
     parser.add_argument("--batch", type=int, default=4, help="batch size of the benchmark")
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions, dense and LFP interleaved")
-    parser.add_argument("--full", action="store_true", help="the seed's size (d_model 4096), bf16; for a GPU")
+    parser.add_argument("--full", action="store_true", help="the source's size (d_model 4096), bf16; for a GPU")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    print(f"benchmark: LlamaDecoder alone (the LFP part), seed layout, 32 layers, "
+    print(f"benchmark: LlamaDecoder alone (the LFP part), the source's layout, 32 layers, "
           f"{'d_model 4096 bf16' if args.full else f'd_model {args.width} float32'}, batch {args.batch}, "
           f"device {args.device}, median of {args.reps}, dense and LFP interleaved")
     if not args.full:

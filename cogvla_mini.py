@@ -5,14 +5,13 @@ scores every token, the layer keeps the top-k vision tokens (plus every non-visi
 runs a normal Llama block on those, and scatters the results back. Dropped tokens skip the
 layer unchanged; the next layer sees all N tokens again.
 
-The sequence the LLM sees (the seed's layout, every count a config field):
+The sequence the LLM sees (the source's layout, every count a config field):
 
     [BOS] [192 vision] [20 text] [3 state + 40 action queries]   = 256 tokens
       0      1..192     193..212          213..255
 
-Read it top to bottom: config, Llama pieces, LFP, decoder, vision tower, CogVLA,
-accounting, walkthrough. `python cogvla_mini.py` runs the walkthrough; `python bench.py`
-times dense vs LFP.
+Read it top to bottom: config, Llama pieces, LFP, decoder, vision tower, CogVLA, accounting,
+and the walkthrough that `python cogvla_mini.py` runs.
 
 Shape legend (used in the comments at the end of lines):
     B batch          N tokens in the LLM sequence      K tokens kept by an LFP layer
@@ -34,9 +33,13 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 
-# %% ====================================================================================
-# Config
-# ======================================================================================
+# %% Config ====================================================================================
+
+def need(ok: bool, expected: str, got):
+    """Fail loudly at the boundary, saying what was expected and what came."""
+    if not ok:
+        raise ValueError(f"{expected}, got {got}")
+
 
 @dataclass
 class CogVLAConfig:
@@ -49,11 +52,11 @@ class CogVLAConfig:
     d_ff: int = 172                 # F, SwiGLU hidden size
     rope_theta: float = 10000.0     # RoPE base
     rms_eps: float = 1e-5           # RMSNorm epsilon (Llama-2's value)
-    attn_impl: str = "math"         # "math" (softmax you can step into), "sdpa", or "sdpa_causal" (is_causal, no mask)
-    mask_kind: str = "causal"       # "causal" (the seed) or "catten" (action segment bidirectional)
+    attn_impl: str = "math"         # "math" (a softmax to stop on), "sdpa", "sdpa_causal" (no mask)
+    mask_kind: str = "causal"       # "causal" (the source) or "catten" (action segment both ways)
     # --- the sequence layout ---
     n_images: int = 3               # I, camera images per sample
-    n_agg_tokens: int = 64          # G, aggregation tokens per image; 0 = use the ViT's patch tokens instead
+    n_agg_tokens: int = 64          # G, aggregation tokens per image; 0 = the ViT's patch tokens
     n_text: int = 20                # T, instruction tokens (padded/truncated to this)
     n_state: int = 3                # proprioceptive state values, one token each
     chunk_len: int = 10             # predicted action steps
@@ -63,50 +66,52 @@ class CogVLAConfig:
     image_size: int = 28            # square images, pixels
     patch_size: int = 7             # ViT patch size, pixels
     dino_width: int = 32            # DINOv2-like encoder width
-    dino_depth: int = 2             # its blocks that run (the output is read after the last of them)
+    dino_depth: int = 2             # its blocks that run (the output is read after the last)
     dino_heads: int = 2             # its attention heads
     siglip_width: int = 48          # SigLIP-like encoder width
     siglip_depth: int = 2           # its blocks that run
     siglip_heads: int = 2           # its attention heads
     vit_mlp_ratio: float = 4.0      # ViT MLP hidden = ratio x width
     # --- LFP ---
-    schedule: str | dict = "seed"   # "seed", "shiftedcos_decay_<max>_<min>", "shiftedlinear_decay_<max>_<min>", or {layer: ratio}
-    lfp_average: float = 0.5        # the average ratio of the shifted schedules (the reference's 0.5)
-    router_film: bool = True        # FiLM the vision tokens with the text before the router scores them
-    position_mode: str = "reindex"  # kept tokens get positions 0..K-1 ("reindex", the seed) or keep theirs ("original")
-    # --- checks (each reads a value back, which waits for a GPU: the benchmark turns them off) ---
-    check_values: bool = True       # token ids in range, finite images and state, finite LFP outputs
+    schedule: str | dict = "source"  # "source", "shifted{cos,linear}_decay_<max>_<min>" or {l: r}
+    lfp_average: float = 0.5        # the shifted schedules' average ratio (the reference's 0.5)
+    router_film: bool = True        # FiLM the vision tokens with the text before the router scores
+    position_mode: str = "reindex"  # kept tokens at 0..K-1 ("reindex") or as they were ("original")
+    # --- checks: each reads a value back to the host, which makes a GPU wait ---
+    check_values: bool = True       # ids in range, finite images and state, finite LFP outputs
 
     @classmethod
     def tiny(cls, **overrides) -> "CogVLAConfig":
-        """The seed's layout and schedule (32 layers, LFP at 5..30, 192/20/43 tokens) at tiny widths."""
+        """The source's layout and schedule (32 layers, LFP at 5..30, 192/20/43 tokens), tiny."""
         return cls(**overrides)
 
     @classmethod
-    def seed(cls, **overrides) -> "CogVLAConfig":
-        """The source's full size: Llama-2-7B-shaped decoder, DINOv2-L/14 + SigLIP-so400m/14 at 224 px.
-        The real encoders have one block more (24 and 27) than runs here: the output is read
-        from the second-to-last block, so the last one never runs."""
-        full = dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
-                    attn_impl="sdpa", image_size=224, patch_size=14,
+    def full(cls, **overrides) -> "CogVLAConfig":
+        """The source's full size: a Llama-2-7B-shaped decoder, DINOv2-L/14 and SigLIP-so400m/14 at
+        224 px. The real encoders have one block more (24 and 27): the source reads the
+        second-to-last block, so the last one never runs and is left out here."""
+        full = dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                    d_ff=11008, attn_impl="sdpa", image_size=224, patch_size=14,
                     dino_width=1024, dino_depth=23, dino_heads=16,
                     siglip_width=1152, siglip_depth=26, siglip_heads=16)
         return cls(**{**full, **overrides})
 
     def __post_init__(self):
-        def need(ok, what, got):
-            if not ok:
-                raise ValueError(f"CogVLAConfig: expected {what}, got {got!r}")
-        need(self.attn_impl in ("math", "sdpa", "sdpa_causal"), "attn_impl 'math', 'sdpa' or 'sdpa_causal'",
-             self.attn_impl)
-        need(self.mask_kind in ("causal", "catten"), "mask_kind 'causal' or 'catten'", self.mask_kind)
-        need(self.position_mode in ("reindex", "original"), "position_mode 'reindex' or 'original'", self.position_mode)
-        need(self.d_model % self.n_heads == 0, f"d_model divisible by n_heads={self.n_heads}", self.d_model)
-        need(self.head_dim % 2 == 0, "an even head dim for RoPE", self.head_dim)
-        need(self.n_heads % self.n_kv_heads == 0, f"n_kv_heads dividing n_heads={self.n_heads}", self.n_kv_heads)
-        need(self.image_size % self.patch_size == 0, f"image_size divisible by patch_size={self.patch_size}",
-             self.image_size)
-        need(0 <= self.bos_id < self.vocab_size, f"bos_id in [0, {self.vocab_size})", self.bos_id)
+        for name, allowed in (("attn_impl", ("math", "sdpa", "sdpa_causal")),
+                              ("mask_kind", ("causal", "catten")),
+                              ("position_mode", ("reindex", "original"))):
+            need(getattr(self, name) in allowed,
+                 f"CogVLAConfig: expected {name} one of {allowed}", repr(getattr(self, name)))
+        need(self.d_model % self.n_heads == 0, f"CogVLAConfig: expected d_model divisible by "
+             f"n_heads={self.n_heads}", self.d_model)
+        need(self.head_dim % 2 == 0, "CogVLAConfig: expected an even head dim for RoPE",
+             self.head_dim)
+        need(self.n_heads % self.n_kv_heads == 0, f"CogVLAConfig: expected n_kv_heads dividing "
+             f"n_heads={self.n_heads}", self.n_kv_heads)
+        need(self.image_size % self.patch_size == 0, f"CogVLAConfig: expected image_size "
+             f"divisible by patch_size={self.patch_size}", self.image_size)
+        need(0 <= self.bos_id < self.vocab_size,
+             f"CogVLAConfig: expected bos_id in [0, {self.vocab_size})", self.bos_id)
         lfp_schedule(self)  # raises on a bad schedule
 
     # Derived from the fields above on every read, so an edited config is never stale (a model
@@ -124,12 +129,8 @@ class CogVLAConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
-    def tokens_per_image(self) -> int:
-        return self.n_agg_tokens if self.n_agg_tokens > 0 else self.n_patches
-
-    @property
-    def n_vision(self) -> int:
-        return self.n_images * self.tokens_per_image
+    def n_vision(self) -> int:           # aggregation tokens per image, or else its patches
+        return self.n_images * (self.n_agg_tokens or self.n_patches)
 
     @property
     def n_queries(self) -> int:
@@ -152,10 +153,8 @@ class CogVLAConfig:
         return self.action_start + self.n_state + self.n_queries
 
 
-# %% ====================================================================================
-# Llama pieces: RMSNorm, RoPE, attention, MLP, block
+# %% Llama pieces: RMSNorm, RoPE, attention, MLP, block ========================================
 # (conventions of transformers' LlamaModel, so its state dict loads and matches)
-# ======================================================================================
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -164,12 +163,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # --- exercise rmsnorm: begin ---
-        # Normalise in float32 (bf16 squares overflow precision), cast back, then scale.
+        # Normalise in float32 (in bf16 the mean of squares loses precision), cast back, then
+        # scale: the order transformers' LlamaRMSNorm uses, so bf16 outputs match it bit for bit.
+        # --- exercise rmsnorm ---
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-        # --- exercise rmsnorm: end ---
 
 
 class RotaryEmbedding(nn.Module):
@@ -180,30 +179,29 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta = head_dim, theta
 
     def forward(self, position_ids, dtype):
-        # --- exercise rope: begin ---
-        # Frequencies and angles in float32 whatever the model's dtype (as transformers does): in
-        # bf16 the fast frequencies round by up to ~0.2%, 0.3 rad at position 255. Computing
-        # them here, not keeping a buffer, means model.to(torch.bfloat16) cannot round them.
-        exponents = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float32)
+        # Frequencies and angles in float32 whatever the model's dtype, as transformers does (in
+        # bf16 an angle of 255 rad is off by up to 1 rad); no buffer that .to(bf16) could round.
+        # --- exercise rope ---
+        exponents = torch.arange(0, self.head_dim, 2, device=position_ids.device,
+                                 dtype=torch.float32)
         inv_freq = 1.0 / self.theta ** (exponents / self.head_dim)           # [Dh/2]
         freqs = position_ids.float()[..., None] * inv_freq                    # [B, N, Dh/2]
-        angles = torch.cat([freqs, freqs], dim=-1)                            # [B, N, Dh]  rotate-half layout
+        angles = torch.cat([freqs, freqs], dim=-1)                            # [B, N, Dh]
         return angles.cos().to(dtype), angles.sin().to(dtype)
-        # --- exercise rope: end ---
 
 
 def rotate_half(x):
-    # --- exercise rope: begin ---
+    """Llama's rotate-half layout: dimension i is paired with i + Dh/2, and each pair rotates
+    by the angle of frequency i."""
+    # --- exercise rope ---
     x1, x2 = x.chunk(2, dim=-1)          # [..., Dh/2] each
     return torch.cat([-x2, x1], dim=-1)  # [..., Dh]
-    # --- exercise rope: end ---
 
 
 def apply_rope(x, cos, sin):
-    # --- exercise rope: begin ---
-    # x [B, H, N, Dh]; cos, sin [B, N, Dh] -> one copy per head
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
-    # --- exercise rope: end ---
+    """x [B, H, N, Dh]; cos, sin [B or 1, N, Dh], the same for every head."""
+    # --- exercise rope ---
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]              # [B, H, N, Dh]
 
 
 class Attention(nn.Module):
@@ -217,32 +215,30 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * dh, d, bias=False)
 
     def forward(self, x, cos, sin, mask):
-        """mask: [B or 1, 1, N, N], bool ("may attend") or additive float; None for "sdpa_causal"."""
-        # --- exercise attention: begin ---
+        """mask: [B or 1, 1, N, N], bool ("may attend") or additive float; None for "sdpa_causal".
+        GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads, so the
+        K/V projections (and a KV cache) are that many times smaller."""
+        # --- exercise attention ---
         cfg = self.cfg
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=cfg.n_heads)     # [B, H, N, Dh]
         k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=cfg.n_kv_heads)  # [B, Hkv, N, Dh]
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=cfg.n_kv_heads)  # [B, Hkv, N, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads.
         group = cfg.n_heads // cfg.n_kv_heads
         k = repeat(k, "b h n d -> b (h g) n d", g=group)                          # [B, H, N, Dh]
         v = repeat(v, "b h n d -> b (h g) n d", g=group)                          # [B, H, N, Dh]
 
         if cfg.attn_impl == "math":
             scores = q @ k.transpose(-2, -1) / math.sqrt(cfg.head_dim)           # [B, H, N, N]
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            else:
-                scores = scores + mask
+            bool_mask = mask.dtype == torch.bool                                 # else additive
+            scores = scores.masked_fill(~mask, float("-inf")) if bool_mask else scores + mask
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)      # [B, H, N, N]
             out = probs @ v                                                      # [B, H, N, Dh]
         elif cfg.attn_impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)        # [B, H, N, Dh]
-        else:  # "sdpa_causal": the kernel builds the causal pattern itself and takes no mask tensor
+        else:  # "sdpa_causal": the kernel builds the causal pattern itself and takes no mask
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)        # [B, H, N, Dh]
         return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))               # [B, N, D]
-        # --- exercise attention: end ---
 
 
 class MLP(nn.Module):
@@ -253,14 +249,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        # --- exercise swiglu: begin ---
+        # --- exercise swiglu ---
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU, [B, N, D]
-        # --- exercise swiglu: end ---
 
 
 class DecoderLayer(nn.Module):
-    """A pre-norm Llama block. `mlp_weight` [B, N] scales the MLP output (LFP's Phase 4);
-    `x_normed` is input_layernorm(x) when the caller has computed it already."""
+    """A pre-norm Llama block: x + attention(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, cfg: CogVLAConfig):
         super().__init__()
@@ -269,21 +263,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, mlp_weight=None, x_normed=None):
-        h = self.input_layernorm(x) if x_normed is None else x_normed     # [B, N, D]
-        x = x + self.self_attn(h, cos, sin, mask)                         # [B, N, D]
-        m = self.mlp(self.post_attention_layernorm(x))                    # [B, N, D]
-        if mlp_weight is not None:
-            m = m * mlp_weight[..., None]                                 # [B, N, D]
-        return x + m
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)     # [B, N, D]
+        return x + self.mlp(self.post_attention_layernorm(x))               # [B, N, D]
 
 
 def attention_mask(cfg: CogVLAConfig, token_idx):
     """The "may attend" mask [B or 1, 1, K, K] among the tokens at sequence positions
     token_idx [B or 1, K]: row i (query) may see column j (key). For the whole sequence pass
-    arange(N); for an LFP layer pass its kept indices, and the result equals the kept rows and
-    columns of the N x N mask (Phase 3) without building or gathering that one (see gather_mask)."""
-    # --- exercise causal_mask: begin ---
+    arange(N). For an LFP layer pass its kept indices: the result is the kept rows and columns
+    of the N x N mask (the source's Phase 3), built from the positions without that mask."""
+    # --- exercise causal_mask ---
     q, k = token_idx[:, :, None], token_idx[:, None, :]                   # [B, K, 1], [B, 1, K]
     allowed = k <= q                                                      # [B, K, K] causal
     if cfg.mask_kind == "catten":
@@ -291,12 +281,9 @@ def attention_mask(cfg: CogVLAConfig, token_idx):
         # still never see it (their rows keep the causal zeros).
         allowed = allowed | ((q >= cfg.action_start) & (k >= cfg.action_start))  # [B, K, K]
     return allowed[:, None]                                               # [B, 1, K, K]
-    # --- exercise causal_mask: end ---
 
 
-# %% ====================================================================================
-# LFP: router, select, gather, scatter, the layer; then the schedule
-# ======================================================================================
+# %% LFP: router, select, gather, scatter, the layer; then the schedule ========================
 
 class Router(nn.Module):
     """Phase 1: score every token's wish to be kept, the vision tokens FiLMed by the text."""
@@ -311,23 +298,20 @@ class Router(nn.Module):
         self.score = nn.Linear(d, 2)  # [drop, keep] logits
 
     def forward(self, h):
-        """h: the layer's normalised input [B, N, D] -> keep probability [B, N]."""
-        # --- exercise router: begin ---
+        """h: the layer's normalised input [B, N, D] -> keep probability [B, N].
+        Why FiLM: with a causal mask the vision tokens come before the text and cannot see it,
+        so without FiLM the router could not know what the task is. Only the vision tokens are
+        modulated; BOS, text and action are scored as they are."""
+        # --- exercise router ---
         cfg = self.cfg
-        logits = self.score(h)                                                # [B, N, 2] [drop, keep]
         if cfg.router_film:
-            # Why FiLM matters: with a causal mask the vision tokens come before the text and
-            # cannot see it, so without FiLM the router could not know what the task is.
             text = h[:, cfg.text_start:cfg.action_start].mean(dim=1)          # [B, D]
             gamma, beta = self.film_scale(text), self.film_shift(text)        # [B, D] each
             vision = h[:, cfg.vision_start:cfg.text_start]                    # [B, V, D]
             vision = vision * (1 + gamma[:, None]) + beta[:, None]            # [B, V, D]
-            # Only the vision tokens are modulated; BOS, text and action keep their own scores.
-            # (Splicing the [B, N, 2] logits costs less than concatenating [B, N, D] states.)
-            logits = torch.cat([logits[:, :cfg.vision_start], self.score(vision),
-                                logits[:, cfg.text_start:]], dim=1)          # [B, N, 2]
-        return logits.softmax(dim=-1)[..., 1]                                 # [B, N] keep probability
-        # --- exercise router: end ---
+            h = torch.cat([h[:, :cfg.vision_start], vision, h[:, cfg.text_start:]], dim=1)
+        logits = self.score(h)                                                # [B, N, 2]
+        return logits.softmax(dim=-1)[..., 1]                                 # [B, N] keep
 
 
 def n_kept_tokens(cfg: CogVLAConfig, ratio: float) -> int:
@@ -337,53 +321,37 @@ def n_kept_tokens(cfg: CogVLAConfig, ratio: float) -> int:
 
 
 def select(keep_prob, k: int, cfg: CogVLAConfig):
-    """Phase 2: the k best tokens, BOS, text and action forced in, in sequence order -> [B, K]."""
-    # --- exercise select: begin ---
+    """Phase 2: the k best tokens, BOS, text and action forced in, in sequence order -> [B, K].
+    The layer needs its tokens in sequence order: the causal mask and the positions follow it."""
+    # --- exercise select ---
     force = torch.zeros_like(keep_prob[0])                                # [N]
     force[:cfg.vision_start] = float("inf")                               # BOS
     force[cfg.text_start:] = float("inf")                                 # text and action segment
     idx = (keep_prob + force).topk(k, dim=-1).indices                     # [B, K] by score
     return idx.sort(dim=-1).values                                        # [B, K] by position
-    # --- exercise select: end ---
 
 
 def gather_tokens(x, idx):
-    """Phase 3: rows idx of x [B, N, D] -> [B, K, D], out[b, k] = x[b, idx[b, k]]. (The same as
-    x.gather(1, idx[..., None].expand(-1, -1, D)), which on a CPU takes ~3x longer.)"""
-    # --- exercise gather_scatter: begin ---
-    batch = torch.arange(x.shape[0], device=x.device)[:, None]            # [B, 1], paired with idx [B, K]
+    """Phase 3: rows idx of x [B, N, D] -> [B, K, D], out[b, k] = x[b, idx[b, k]]."""
+    # --- exercise gather_scatter ---
+    batch = torch.arange(x.shape[0], device=x.device)[:, None]            # [B, 1], pairs with idx
     return x[batch, idx]                                                  # [B, K, D]
-    # --- exercise gather_scatter: end ---
-
-
-def gather_mask(mask, idx):
-    """Phase 3 as the seed writes it: the kept rows, then the kept columns, of the full mask
-    [B or 1, 1, N, N] -> [B, 1, K, K]. The LFP layer builds the same mask straight from the kept
-    indices with attention_mask(cfg, idx), which is cheaper; a test proves the two equal."""
-    # --- exercise gather_scatter: begin ---
-    B, K, N = idx.shape[0], idx.shape[1], mask.shape[-1]
-    mask = mask.expand(B, -1, -1, -1)                                     # [B, 1, N, N]
-    rows = mask.gather(2, idx[:, None, :, None].expand(-1, 1, -1, N))     # [B, 1, K, N]
-    return rows.gather(3, idx[:, None, None, :].expand(-1, 1, K, -1))     # [B, 1, K, K]
-    # --- exercise gather_scatter: end ---
 
 
 def scatter_tokens(x, idx, y):
     """Phase 5: a copy of x [B, N, D] with rows idx replaced by the kept tokens' new values
-    y [B, K, D]. Replaced, not added (not `scatter_add`, not `+=`): y already holds the residual,
-    adding would count x twice. (x.scatter(1, idx[..., None].expand(-1, -1, D), y) is the same,
-    ~3x slower on a CPU.)"""
-    # --- exercise gather_scatter: begin ---
-    batch = torch.arange(x.shape[0], device=x.device)[:, None]            # [B, 1], paired with idx [B, K]
-    out = x.clone()                                                       # [B, N, D]; x stays as it was
+    y [B, K, D]. Replaced, not added (not `scatter_add`, not `+=`): y already holds the
+    residual, adding would count x twice."""
+    # --- exercise gather_scatter ---
+    batch = torch.arange(x.shape[0], device=x.device)[:, None]            # [B, 1], pairs with idx
+    out = x.clone()                                                       # [B, N, D]; x unchanged
     out[batch, idx] = y.to(x.dtype)                                       # [B, K, D] rows replaced
     return out
-    # --- exercise gather_scatter: end ---
 
 
 @dataclass
 class LFPRecord:
-    layer: int                 # the decoder layer's index
+    layer: int                  # the decoder layer's index
     kept_indices: torch.Tensor  # [B, K] sorted positions of the kept tokens
     keep_probs: torch.Tensor    # [B, N] the router's keep probability for every token
 
@@ -398,98 +366,95 @@ class LFPDecoderLayer(DecoderLayer):
         self.n_keep = n_kept_tokens(cfg, self.ratio)
         self.router = Router(cfg)
 
+    # The router weight of every kept token, force-kept ones included, is its softmax
+    # probability (the source's code; its narrative says 1.0 for the forced ones). It scales
+    # the MLP's output: the only path by which the loss's gradient reaches the router.
     def forward_lfp(self, x, position_ids, rope, records=None):
-        # --- exercise lfp_layer: begin ---
+        # --- exercise lfp_layer ---
         B, N, D = x.shape
-        # Phase 1: score. The router reads the block's own input norm, so it is computed once
-        # for all N tokens and the block reuses the kept rows (RMSNorm works token by token).
+        # Phase 1: score, from the layer's own input norm.
         h = self.input_layernorm(x)                                       # [B, N, D]
         keep_prob = self.router(h)                                        # [B, N]
         # Phase 2: select.
         idx = select(keep_prob, self.n_keep, self.cfg)                    # [B, K]
-        # Phase 3: gather hidden states (and their norm), router weights, mask and positions.
-        x_kept, h_kept = gather_tokens(x, idx), gather_tokens(h, idx)     # [B, K, D] each
-        # The router weight of every kept token, force-kept ones included, is its softmax
-        # probability (the seed's code; its narrative says 1.0 for the forced ones).
+        # Phase 3: gather hidden states, router weights, mask and positions.
+        x_kept = gather_tokens(x, idx)                                    # [B, K, D]
         w_kept = keep_prob.gather(1, idx)                                 # [B, K]
-        mask_kept = attention_mask(self.cfg, idx)                         # [B, 1, K, K] = gather_mask(full, idx)
-        if self.cfg.position_mode == "reindex":
-            pos_kept = torch.arange(idx.shape[1], device=x.device)[None]  # [1, K]  0..K-1, as the seed
-        else:
-            pos_kept = position_ids.expand(B, -1).gather(1, idx)          # [B, K]  as p-MoD and FastV
+        mask_kept = attention_mask(self.cfg, idx)                         # [B, 1, K, K]
+        if self.cfg.position_mode == "reindex":                           # the source: 0..K-1
+            pos_kept = torch.arange(idx.shape[1], device=x.device)[None]  # [1, K]
+        else:                                                             # as p-MoD and FastV do
+            pos_kept = position_ids.expand(B, -1).gather(1, idx)          # [B, K]
         cos, sin = rope(pos_kept, x.dtype)                                # [B or 1, K, Dh]
-        # Phase 4: a normal block on the kept tokens; the router weight scales the MLP
-        # output, the only path by which the loss's gradient reaches the router.
-        y = super().forward(x_kept, cos, sin, mask_kept, mlp_weight=w_kept, x_normed=h_kept)  # [B, K, D]
-        # Phase 5: scatter back; dropped tokens leave this layer exactly as they came.
+        # Phase 4: a normal block on the kept tokens, its MLP output scaled by the router weight.
+        y = x_kept + self.self_attn(self.input_layernorm(x_kept), cos, sin, mask_kept)
+        y = y + w_kept[..., None] * self.mlp(self.post_attention_layernorm(y))  # [B, K, D]
+        # Phase 5: scatter back; dropped tokens leave this layer exactly as they came. The
+        # inf/NaN check needs only the new values, and one sum shows any inf or NaN.
         out = scatter_tokens(x, idx, y)                                   # [B, N, D]
-        # The inf/NaN check looks at the new values only (dropped tokens did not change), as one
-        # sum: any inf or NaN makes it non-finite. Reading it on the host waits for a GPU.
         if self.cfg.check_values and not torch.isfinite(y.sum()):
-            raise FloatingPointError(f"LFP layer {self.layer}: inf or NaN in the hidden states after scatter")
+            raise FloatingPointError(f"LFP layer {self.layer}: inf or NaN in the hidden states "
+                                     f"after scatter")
         if records is not None:
             records.append(LFPRecord(self.layer, idx.detach(), keep_prob.detach()))
         return out  # Phase 6: the next layer sees all N tokens again
-        # --- exercise lfp_layer: end ---
 
 
 # --- the schedule: which layers prune, and how much ------------------------------------
 
 def shifted_cos_with_ratio(average: float, layer: int, n_layers: int) -> float:
     """The reference's keep ratio: high in shallow layers, low in deep ones, mean `average`."""
-    # --- exercise schedule: begin ---
+    # --- exercise schedule ---
     return math.cos(layer * math.pi / (n_layers - 1)) / 2 + average
-    # --- exercise schedule: end ---
 
 
 def shifted_linear_with_ratio(average: float, layer: int, n_layers: int) -> float:
     return (-layer / (n_layers - 1) + 0.5) + average
 
 
-# The seed names layers 5, 10, ..., 30 and prints token counts 227/207/179/140/115/102.
-# Its printed ratios (0.85, 0.75, 0.60, 0.40, 0.30, 0.20) do not give those counts
-# (0.75 x 192 = 144 -> 208 tokens; 0.30 x 192 = 57 -> 121), and neither does its own
-# formula shifted_cos_with_ratio(0.5, l, 32), which gives 0.937, 0.764, 0.525, 0.280,
-# 0.090, 0.003. These ratios are the ones whose int(192 x ratio) reproduces the counts:
-# 163, 143, 115, 76, 51, 38 vision tokens kept (+ BOS, 20 text, 43 action = the counts).
-SEED_SCHEDULE = {5: 0.85, 10: 0.745, 15: 0.60, 20: 0.40, 25: 0.266, 30: 0.20}
+def shifted_schedule(curve, average: float, top: float, floor: float, n_layers: int):
+    """The reference's rule: a layer prunes where the curve is at or below `top` (max), and its
+    ratio is floored at `floor` (min) -> {layer: ratio}."""
+    # --- exercise schedule ---
+    return {l: max(r, floor) for l in range(n_layers) if (r := curve(average, l, n_layers)) <= top}
+
+
+# The source names layers 5, 10, ..., 30 and prints token counts 227/207/179/140/115/102. Its
+# printed ratios (0.85, 0.75, 0.60, 0.40, 0.30, 0.20) do not give those counts (0.75 x 192 = 144
+# -> 208 tokens), nor does its formula shifted_cos_with_ratio(0.5, l, 32) (0.937, 0.764, 0.525,
+# 0.280, 0.090, 0.003). These do: int(192 x ratio) = 163, 143, 115, 76, 51, 38 vision tokens,
+# plus BOS, 20 text and 43 action tokens.
+SOURCE_SCHEDULE = {5: 0.85, 10: 0.745, 15: 0.60, 20: 0.40, 25: 0.266, 30: 0.20}
 REFERENCE_SCHEDULE = "shiftedcos_decay_0.85_0.15"   # the public code's default
+SHIFTED = {"shiftedcos": shifted_cos_with_ratio, "shiftedlinear": shifted_linear_with_ratio}
 
 
 def lfp_schedule(cfg: CogVLAConfig) -> dict[int, float]:
     """{layer: ratio of vision tokens kept} for the config's schedule; raises on a bad one."""
     s, L = cfg.schedule, cfg.n_layers
+    shifted = re.fullmatch(r"(shiftedcos|shiftedlinear)_decay_([\d.]+)_([\d.]+)", str(s))
     if isinstance(s, dict):
         table = dict(s)
-    elif s == "seed":
-        if L != 32:
-            raise ValueError(f'schedule "seed" is defined for 32 layers, got n_layers={L}; use '
-                             f'"shiftedcos_decay_0.85_0.15", "shiftedlinear_decay_0.85_0.15" or a '
-                             f'{{layer: ratio}} dict')
-        table = dict(SEED_SCHEDULE)
-    elif isinstance(s, str) and (m := re.fullmatch(r"(shiftedcos|shiftedlinear)_decay_([\d.]+)_([\d.]+)", s)):
-        kind, top, floor = m.group(1), float(m.group(2)), float(m.group(3))
-        if not 0 < floor <= top <= 1:
-            raise ValueError(f"schedule {s!r}: expected 0 < min <= max <= 1, got max={top}, min={floor}")
-        curve = shifted_cos_with_ratio if kind == "shiftedcos" else shifted_linear_with_ratio
-        # --- exercise schedule: begin ---
-        # The reference's rule: a layer prunes where the curve is at or below `max`; the ratio is floored at `min`.
-        table = {l: max(r, floor) for l in range(L) if (r := curve(cfg.lfp_average, l, L)) <= top}
-        # --- exercise schedule: end ---
+    elif s == "source":
+        need(L == 32, f'schedule "source": expected 32 layers (else use "{REFERENCE_SCHEDULE}", '
+             f'a shiftedlinear one or a {{layer: ratio}} dict)', f"n_layers={L}")
+        table = dict(SOURCE_SCHEDULE)
+    elif shifted:
+        top, floor = float(shifted[2]), float(shifted[3])
+        need(0 < floor <= top <= 1, f"schedule {s!r}: expected 0 < min <= max <= 1",
+             f"max={top}, min={floor}")
+        table = shifted_schedule(SHIFTED[shifted[1]], cfg.lfp_average, top, floor, L)
     else:
-        raise ValueError(f'unknown schedule {s!r}: expected "seed", "shiftedcos_decay_<max>_<min>", '
-                         f'"shiftedlinear_decay_<max>_<min>" or a {{layer: ratio}} dict')
+        raise ValueError(f'unknown schedule {s!r}: expected "source", "shiftedcos_decay_<max>_'
+                         f'<min>", "shiftedlinear_decay_<max>_<min>" or a {{layer: ratio}} dict')
     for layer, ratio in table.items():
-        if not (isinstance(layer, int) and 0 <= layer < L):
-            raise ValueError(f"LFP layer index must be an int in [0, {L}), got {layer!r}")
-        if not 0 < ratio <= 1:
-            raise ValueError(f"LFP ratio for layer {layer} must be in (0, 1], got {ratio!r}")
+        need(isinstance(layer, int) and 0 <= layer < L,
+             f"LFP layer index: expected an int in [0, {L})", repr(layer))
+        need(0 < ratio <= 1, f"LFP ratio for layer {layer}: expected one in (0, 1]", repr(ratio))
     return dict(sorted(table.items()))
 
 
-# %% ====================================================================================
-# The decoder
-# ======================================================================================
+# %% The decoder ===============================================================================
 
 class LlamaDecoder(nn.Module):
     """transformers' LlamaModel, with LFP layers where the schedule says. Without the
@@ -499,38 +464,22 @@ class LlamaDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        ratios = cfg.lfp_ratios                                           # derived on each read: read once
-        self.layers = nn.ModuleList(
-            LFPDecoderLayer(cfg, i) if i in ratios else DecoderLayer(cfg) for i in range(cfg.n_layers))
+        ratios = cfg.lfp_ratios                                    # derived on each read: read once
+        self.layers = nn.ModuleList(LFPDecoderLayer(cfg, i) if i in ratios else DecoderLayer(cfg)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
     def forward(self, embeds, prune: bool = True, position_ids=None, records: list | None = None):
         """embeds [B, N, D] -> final-norm hidden states [B, N, D]. Pass a list as `records`
         to receive one LFPRecord per LFP layer that ran."""
-        cfg = self.cfg
-        B, N, D = embeds.shape
-        ratios = cfg.lfp_ratios
-        prune = prune and bool(ratios)
-        if prune and cfg.attn_impl == "sdpa_causal":
-            # Like flash-attention kernels, is_causal takes no mask; an LFP layer needs its
-            # gathered one (the seed's FAQ: gather/scatter conflicts with flash-attn).
-            raise ValueError('attn_impl="sdpa_causal" takes no mask, but an LFP layer needs its gathered mask '
-                             '(the seed\'s FAQ: gather/scatter conflicts with flash-attn); use "sdpa" or '
-                             '"math", or prune=False')
-        if cfg.attn_impl == "sdpa_causal" and cfg.mask_kind != "causal":
-            raise ValueError(f'attn_impl="sdpa_causal" can only be causal, got mask_kind={cfg.mask_kind!r}')
-        built = {i: layer.ratio for i, layer in enumerate(self.layers) if isinstance(layer, LFPDecoderLayer)}
-        if prune and built != ratios:
-            raise ValueError(f"cfg.schedule was changed after this model was built: its LFP layers keep {built}, "
-                             f"the config now says {ratios}; build a new model for the new schedule")
-        if (prune or cfg.mask_kind == "catten") and N != cfg.seq_len:
-            raise ValueError(f"LFP and catten need the config's layout: expected {cfg.seq_len} tokens, got {N}")
+        cfg, N = self.cfg, embeds.shape[1]
+        prune = prune and bool(cfg.lfp_ratios)
+        self.check_can_run(prune, N)
         all_tokens = torch.arange(N, device=embeds.device)[None]          # [1, N]
-        mask = None if cfg.attn_impl == "sdpa_causal" else attention_mask(cfg, all_tokens)  # [1, 1, N, N]
+        mask = None if cfg.attn_impl == "sdpa_causal" else attention_mask(cfg, all_tokens)
         position_ids = all_tokens if position_ids is None else position_ids  # [1 or B, N]
         cos, sin = self.rotary_emb(position_ids, embeds.dtype)            # [1 or B, N, Dh]
-
         x = embeds
         for layer in self.layers:
             if prune and isinstance(layer, LFPDecoderLayer):
@@ -539,13 +488,28 @@ class LlamaDecoder(nn.Module):
                 x = layer(x, cos, sin, mask)                              # [B, N, D]
         return self.norm(x)
 
+    def check_can_run(self, prune: bool, n_tokens: int):
+        cfg, causal_kernel = self.cfg, self.cfg.attn_impl == "sdpa_causal"
+        # Like flash-attention kernels, is_causal takes no mask; an LFP layer needs its gathered
+        # one (the source's FAQ: gather/scatter conflicts with flash-attn).
+        need(not (prune and causal_kernel), 'attn_impl="sdpa_causal" takes no mask, but an LFP '
+             'layer needs its gathered mask (the source\'s FAQ: gather/scatter conflicts with '
+             'flash-attn): expected "sdpa" or "math", or prune=False', "prune=True")
+        need(not causal_kernel or cfg.mask_kind == "causal",
+             'attn_impl="sdpa_causal": expected mask_kind "causal"', repr(cfg.mask_kind))
+        built = {i: l.ratio for i, l in enumerate(self.layers) if isinstance(l, LFPDecoderLayer)}
+        need(not prune or built == cfg.lfp_ratios, f"cfg.schedule was changed after this model "
+             f"was built: expected its LFP layers' ratios {built} (build a new model for a new "
+             f"schedule)", cfg.lfp_ratios)
+        need(not (prune or cfg.mask_kind == "catten") or n_tokens == cfg.seq_len,
+             f"LFP and catten need the config's layout: expected {cfg.seq_len} tokens", n_tokens)
 
-# %% ====================================================================================
-# The vision tower: two ViTs with FiLM and aggregation tokens, projectors, MoE fusion
-# ======================================================================================
+
+# %% The vision tower: two ViTs with FiLM and aggregation tokens, projectors, MoE fusion =======
 
 class ViTBlock(nn.Module):
-    """A pre-norm ViT block with FiLM between attention and MLP, conditioned on the instruction."""
+    """A pre-norm ViT block with FiLM between attention and MLP, conditioned on the instruction.
+    FiLM is `x * (1 + gamma) + beta`, so zero-initialised gamma and beta start as the identity."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, d_cond: int):
         super().__init__()
@@ -553,48 +517,49 @@ class ViTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.film_scale = nn.Linear(d_cond, width)  # gamma, zero-initialised: FiLM starts as identity
-        self.film_shift = nn.Linear(d_cond, width)  # beta, zero-initialised
+        self.film_scale = nn.Linear(d_cond, width)  # gamma
+        self.film_shift = nn.Linear(d_cond, width)  # beta
         self.norm2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x, cond):
-        # --- exercise vit_film: begin ---
+        # --- exercise vit_film ---
         q, k, v = rearrange(self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d",
                             three=3, h=self.heads)                          # [B', h, n, d] each
-        attn = F.scaled_dot_product_attention(q, k, v)                      # bidirectional, [B', h, n, d]
+        attn = F.scaled_dot_product_attention(q, k, v)                      # bidirectional
         x = x + self.proj(rearrange(attn, "b h n d -> b n (h d)"))          # [B', n, Dv]
         gamma, beta = self.film_scale(cond), self.film_shift(cond)          # [B', Dv] each
         x = x * (1 + gamma[:, None]) + beta[:, None]                        # [B', n, Dv]
         return x + self.mlp(self.norm2(x))
-        # --- exercise vit_film: end ---
 
 
 class ViT(nn.Module):
-    """Patchify, embed, append aggregation tokens, run the FiLMed blocks, keep the aggregation tokens."""
+    """Patchify, embed, append aggregation tokens, run the FiLMed blocks, keep the agg tokens."""
 
     def __init__(self, cfg: CogVLAConfig, width: int, depth: int, heads: int):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.n_patches, width))
-        self.agg_tokens = nn.Parameter(torch.zeros(cfg.n_agg_tokens, width)) if cfg.n_agg_tokens else None
+        G = cfg.n_agg_tokens
+        self.agg_tokens = nn.Parameter(torch.zeros(G, width)) if G else None
         # The source reads the second-to-last block of each pretrained encoder; the last one
         # would never run, so `depth` counts only the blocks that do.
-        self.blocks = nn.ModuleList(ViTBlock(width, heads, cfg.vit_mlp_ratio, cfg.d_model) for _ in range(depth))
+        self.blocks = nn.ModuleList(ViTBlock(width, heads, cfg.vit_mlp_ratio, cfg.d_model)
+                                    for _ in range(depth))
 
     def forward(self, images, cond):
         p = self.cfg.patch_size
-        patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # [B', P, 3 p p]
-        x = self.patch_embed(patches) + self.pos_embed                                   # [B', P, Dv]
+        patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
+        x = self.patch_embed(patches) + self.pos_embed                    # [B', P, Dv]
         if self.agg_tokens is not None:
-            agg = self.agg_tokens.expand(x.shape[0], -1, -1)                              # [B', G, Dv]
-            x = torch.cat([x, agg], dim=1)                                                # [B', P + G, Dv]
+            agg = self.agg_tokens.expand(x.shape[0], -1, -1)               # [B', G, Dv]
+            x = torch.cat([x, agg], dim=1)                                 # [B', P + G, Dv]
         for block in self.blocks:
             x = block(x, cond)
         if self.agg_tokens is not None:
-            return x[:, self.cfg.n_patches:]   # [B', G, Dv] the aggregation tokens summarise the image
+            return x[:, self.cfg.n_patches:]   # [B', G, Dv] the aggregation tokens sum up the image
         return x                               # [B', P, Dv] patch mode: every patch is a token
 
 
@@ -603,9 +568,9 @@ def sincos_2d(side: int, width: int):
     n_freq = width // 4
     freqs = 1.0 / 100 ** (torch.arange(n_freq) / max(1, n_freq - 1))         # [width/4]
     row, col = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    angles = [rearrange(c, "h w -> (h w) 1").float() * freqs for c in (row, col)]  # 2 x [P, width/4]
-    code = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # [P, 4 (width/4)]
-    return F.pad(code, (0, width - code.shape[1]))                                # [P, width]
+    angles = [rearrange(c, "h w -> (h w) 1").float() * freqs for c in (row, col)]  # 2 x [P, w/4]
+    code = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # [P, w]
+    return F.pad(code, (0, width - code.shape[1]))                            # [P, width]
 
 
 def projector(width: int, d_model: int):
@@ -631,23 +596,21 @@ class VisionTower(nn.Module):
         cond = repeat(instruction, "b d -> (b i) d", i=n_img)                     # [B I, D]
         dino = self.dino_proj(self.dino(flat, cond))                              # [B I, G, D]
         siglip = self.siglip_proj(self.siglip(flat, cond))                        # [B I, G, D]
-        # --- exercise fusion: begin ---
-        weights = repeat(self.fusion(instruction).softmax(-1), "b e -> (b i) e", i=n_img)  # [B I, 2]
-        fused = weights[:, 0, None, None] * dino + weights[:, 1, None, None] * siglip      # [B I, G, D]
-        # --- exercise fusion: end ---
+        # --- exercise fusion ---
+        weights = self.fusion(instruction).softmax(-1)                            # [B, 2]
+        weights = repeat(weights, "b e -> (b i) e", i=n_img)                      # [B I, 2]
+        fused = weights[:, 0, None, None] * dino + weights[:, 1, None, None] * siglip
         return rearrange(fused, "(b i) g d -> b (i g) d", i=n_img)                # [B, V, D]
 
 
-# %% ====================================================================================
-# CogVLA: vision tower + LLM with LFP + action head, one forward pass for the whole chunk
-# ======================================================================================
+# %% CogVLA: vision tower + LLM with LFP + action head, one forward pass for the whole chunk ===
 
 @dataclass
 class CogVLAOutput:
     actions: torch.Tensor                 # [B, chunk_len, action_dim]
     loss: torch.Tensor | None             # L1 against the given actions, else None
     lfp: list[LFPRecord] = field(default_factory=list)  # one per LFP layer that ran
-    vision_tokens: torch.Tensor | None = None  # [B, V, D] the vision tokens the LLM received (for probes)
+    vision_tokens: torch.Tensor | None = None  # [B, V, D] what the LLM received (for probes)
 
 
 class CogVLA(nn.Module):
@@ -659,92 +622,83 @@ class CogVLA(nn.Module):
         self.llm = LlamaDecoder(cfg)
         # The action segment (OFT-style): one token per state value, one query per action value.
         self.state_proj = nn.Linear(1, d)
-        self.state_embed = nn.Parameter(torch.zeros(cfg.n_state, d))     # which state value this is
+        self.state_embed = nn.Parameter(torch.zeros(cfg.n_state, d))     # which state value
         self.action_queries = nn.Parameter(torch.zeros(cfg.n_queries, d))
         self.action_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.reset_parameters()
 
     def reset_parameters(self):
         """All initialisation in one place."""
+        cfg = self.cfg
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                # std 1/sqrt(fan_in) keeps activations at unit scale through every layer: at
-                # d_model 4096 it is 0.016, close to Llama's 0.02; at tiny widths 0.02 would
-                # shrink each layer's output ~8x and stall training.
+                # std 1/sqrt(fan_in) keeps activations at unit scale in every layer: 0.016 at
+                # d_model 4096, near Llama's 0.02, which at width 64 would shrink them 8-fold.
                 nn.init.normal_(module.weight, std=module.in_features ** -0.5)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                # The same rule with fan-in 1 (a one-hot input): unit scale. Both FiLMs read the
-                # instruction as the mean of these embeddings, and at Llama's 0.02 that signal
-                # would be ~50x weaker than the image features it modulates.
+                # The same rule with fan-in 1 (a one-hot input). Both FiLMs read the mean of
+                # these: at 0.02 it would be far weaker than the image features it modulates.
                 nn.init.normal_(module.weight, std=1.0)
-        # Which state value a token carries. Not small: the first layer reads each token through
+        # Which state value a token carries: not small. The first layer reads each token through
         # RMSNorm, which maps state_proj(s) = s * w (its bias starts at 0) to +-w / rms(w) and so
-        # erases the value's size; only the embedding added beside it lets norm(s * w + e) turn
-        # with s. At 0.02 the toy trainer's loss stayed at ~0.28 (about what the gripper value
-        # alone gives) for 100-150 steps; at 1 the embedding starts to drown the value. (README:
-        # what was tried; test_state_value_survives_the_first_norm_at_init.)
+        # erases the value's size; only an embedding of comparable size beside it lets
+        # norm(s * w + e) turn with s. Much larger, and it drowns the value.
         nn.init.normal_(self.state_embed, std=0.3)
-        # Queries that predict the same action value (dx at every chunk step, say) start alike,
-        # so where to look, once one of them learns it, is learned for all ten; a difference of
-        # 2% lets them part later. Small (0.02; README: what was tried).
-        per_value = 0.02 * torch.randn(self.cfg.action_dim, self.cfg.d_model)          # [A, D]
-        per_query = repeat(per_value, "a d -> (c a) d", c=self.cfg.chunk_len)           # [C A, D] as the head reads them
+        # Queries that predict the same action value (dx at every chunk step, say) start alike:
+        # where to look, once one learns it, is learned for all; 2% apart, they can part later.
+        per_value = 0.02 * torch.randn(cfg.action_dim, cfg.d_model)              # [A, D]
+        per_query = repeat(per_value, "a d -> (c a) d", c=cfg.chunk_len)          # [C A, D]
         self.action_queries.data.copy_(per_query + 0.02 * 0.02 * torch.randn_like(per_query))
         for vit in (self.vision.dino, self.vision.siglip):
             # Pretrained encoders know where each patch is; ours start from a 2-D sin-cos code of
             # (row, column) so that position is readable from step 0 (it still trains).
-            vit.pos_embed.data.copy_(sincos_2d(self.cfg.image_size // self.cfg.patch_size, vit.pos_embed.shape[1]))
+            side = cfg.image_size // cfg.patch_size
+            vit.pos_embed.data.copy_(sincos_2d(side, vit.pos_embed.shape[1]))
             if vit.agg_tokens is not None:
                 nn.init.normal_(vit.agg_tokens, std=0.02)
-            for block in vit.blocks:                        # FiLM starts as identity: gamma = beta = 0
+            for block in vit.blocks:                      # FiLM starts as identity: gamma, beta 0
                 for film in (block.film_scale, block.film_shift):
                     nn.init.zeros_(film.weight)
                     nn.init.zeros_(film.bias)
-        nn.init.zeros_(self.vision.fusion[-1].weight)       # fusion starts as an equal mix of the encoders
+        nn.init.zeros_(self.vision.fusion[-1].weight)     # an equal mix of the encoders at first
         for layer in self.llm.layers:
             if not isinstance(layer, LFPDecoderLayer):
                 continue
-            # The router starts generous and nearly indifferent: keep probability ~0.88 for every
-            # token (+2 on the "keep" logit), small weights only to break ties. Its probability
-            # scales each kept token's MLP output (Phase 4); at 1/sqrt(fan_in) it spread from 0.1
-            # to 0.9, and all ten queries of one action value could start with their MLPs at a
-            # tenth of their strength in one layer and a third in the next.
-            nn.init.normal_(layer.router.score.weight, std=0.1 * self.cfg.d_model ** -0.5)
+            # The router starts generous and nearly indifferent: keep probability near 0.88 (+2
+            # on the "keep" logit), small weights only to break ties. It scales each kept
+            # token's MLP output (Phase 4): a wide spread would silence MLPs before any learning.
+            nn.init.normal_(layer.router.score.weight, std=0.1 * cfg.d_model ** -0.5)
             layer.router.score.bias.data.copy_(torch.tensor([0.0, 2.0]))    # [drop, keep]
-            if self.cfg.router_film:
+            if cfg.router_film:
                 for mlp in (layer.router.film_scale, layer.router.film_shift):
-                    nn.init.zeros_(mlp[-1].weight)          # router FiLM starts as identity too
+                    nn.init.zeros_(mlp[-1].weight)        # the router's FiLM starts as identity too
                     nn.init.zeros_(mlp[-1].bias)
 
     def check_inputs(self, images, text_ids, state, actions):
         cfg = self.cfg
-        want_img = (cfg.n_images, 3, cfg.image_size, cfg.image_size)
-        if images.dim() != 5 or tuple(images.shape[1:]) != want_img:
-            raise ValueError(f"images: expected [B, {', '.join(map(str, want_img))}], got {list(images.shape)}")
-        if text_ids.dim() != 2 or text_ids.shape[1] != cfg.n_text:
-            raise ValueError(f"text_ids: expected [B, {cfg.n_text}] (pad or truncate), got {list(text_ids.shape)}")
-        if text_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"text_ids: expected integer token ids, got dtype {text_ids.dtype}")
-        if cfg.check_values:   # each reads a value back from the device: cfg.check_values=False skips them
+        shapes = {"images": (cfg.n_images, 3, cfg.image_size, cfg.image_size),
+                  "text_ids": (cfg.n_text,), "state": (cfg.n_state,),
+                  "actions": (cfg.chunk_len, cfg.action_dim)}
+        given = {"images": images, "text_ids": text_ids, "state": state, "actions": actions}
+        given = {name: t for name, t in given.items() if t is not None}
+        for name, t in given.items():
+            want = ", ".join(map(str, ("B",) + shapes[name]))
+            hint = " (pad or truncate)" if name == "text_ids" else ""
+            need(list(t.shape[1:]) == list(shapes[name]) and t.dim() == len(shapes[name]) + 1,
+                 f"{name}: expected [{want}]{hint}", list(t.shape))
+        need(text_ids.dtype in (torch.int32, torch.int64), "text_ids: expected integer token ids",
+             f"dtype {text_ids.dtype}")
+        batch = {name: t.shape[0] for name, t in given.items()}
+        need(len(set(batch.values())) == 1, "batch sizes disagree: expected one batch size", batch)
+        if cfg.check_values:
             lo, hi = int(text_ids.min()), int(text_ids.max())
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"text_ids: expected ids in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
-            for name, t in (("images", images), ("state", state)):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{name}: expected finite values, got {int((~torch.isfinite(t)).sum())} "
-                                     f"inf or NaN")
-        if state.dim() != 2 or state.shape[1] != cfg.n_state:
-            raise ValueError(f"state: expected [B, {cfg.n_state}], got {list(state.shape)}")
-        want_act = (cfg.chunk_len, cfg.action_dim)
-        if actions is not None and (actions.dim() != 3 or tuple(actions.shape[1:]) != want_act):
-            raise ValueError(f"actions: expected [B, {cfg.chunk_len}, {cfg.action_dim}], got {list(actions.shape)}")
-        batch = {"images": images.shape[0], "text_ids": text_ids.shape[0], "state": state.shape[0]}
-        if actions is not None:
-            batch["actions"] = actions.shape[0]
-        if len(set(batch.values())) != 1:
-            raise ValueError(f"batch sizes disagree: {batch}")
+            need(0 <= lo and hi < cfg.vocab_size,
+                 f"text_ids: expected ids in [0, {cfg.vocab_size})", f"values in [{lo}, {hi}]")
+            for name in ("images", "state"):
+                bad = int((~torch.isfinite(given[name])).sum())
+                need(bad == 0, f"{name}: expected finite values", f"{bad} inf or NaN")
 
     def embed(self, images, text_ids, state):
         """Build the LLM's input sequence [B, N, D]: [BOS] [vision] [text] [state] [queries]."""
@@ -754,7 +708,7 @@ class CogVLA(nn.Module):
         bos = self.llm.embed_tokens.weight[self.cfg.bos_id].expand(B, 1, -1)  # [B, 1, D]
         state_tokens = self.state_proj(state[..., None]) + self.state_embed  # [B, 3, D]
         queries = self.action_queries.expand(B, -1, -1)                     # [B, 40, D]
-        return torch.cat([bos, vision.to(text.dtype), text, state_tokens, queries], dim=1)  # [B, N, D]
+        return torch.cat([bos, vision.to(text.dtype), text, state_tokens, queries], dim=1)
 
     def forward(self, images, text_ids, state, actions=None, prune: bool = True) -> CogVLAOutput:
         self.check_inputs(images, text_ids, state, actions)
@@ -762,34 +716,31 @@ class CogVLA(nn.Module):
         embeds = self.embed(images, text_ids, state)                        # [B, N, D]
         hidden = self.llm(embeds, prune=prune, records=records)             # [B, N, D]
         queries = hidden[:, -cfg.n_queries:]                                # [B, 40, D]
-        pred = rearrange(self.action_head(queries), "b (c a) 1 -> b c a", c=cfg.chunk_len)  # [B, 10, 4]
+        pred = rearrange(self.action_head(queries), "b (c a) 1 -> b c a", c=cfg.chunk_len)
         loss = F.l1_loss(pred.float(), actions.float()) if actions is not None else None
-        return CogVLAOutput(pred, loss, records, vision_tokens=embeds[:, cfg.vision_start:cfg.text_start])
+        return CogVLAOutput(pred, loss, records, embeds[:, cfg.vision_start:cfg.text_start])
 
     def example_inputs(self, batch_size: int = 2, seed: int = 0):
         """Valid random (images, text_ids, state, actions) on the model's device."""
-        cfg, g = self.cfg, torch.Generator().manual_seed(seed)
-        images = torch.rand(batch_size, cfg.n_images, 3, cfg.image_size, cfg.image_size, generator=g)
-        text_ids = torch.randint(0, cfg.vocab_size, (batch_size, cfg.n_text), generator=g)
-        state = torch.rand(batch_size, cfg.n_state, generator=g) * 2 - 1
-        actions = torch.rand(batch_size, cfg.chunk_len, cfg.action_dim, generator=g) * 2 - 1
+        cfg, g, B = self.cfg, torch.Generator().manual_seed(seed), batch_size
+        images = torch.rand(B, cfg.n_images, 3, cfg.image_size, cfg.image_size, generator=g)
+        text_ids = torch.randint(0, cfg.vocab_size, (B, cfg.n_text), generator=g)
+        state = torch.rand(B, cfg.n_state, generator=g) * 2 - 1
+        actions = torch.rand(B, cfg.chunk_len, cfg.action_dim, generator=g) * 2 - 1
         device = self.llm.embed_tokens.weight.device
         return tuple(t.to(device) for t in (images, text_ids, state, actions))
 
 
-# %% ====================================================================================
-# Accounting: what a schedule costs, per layer, at any size
-# ======================================================================================
+# %% Accounting: what a schedule costs, per layer, at any size =================================
 
 @dataclass
 class LayerCost:
     layer: int
     tokens: int           # tokens this layer's block processes
-    lfp: bool             # an LFP layer (pays for its router)
-    attn_n2d: float       # N^2 x D, the seed's per-layer attention figure
+    attn_n2d: float       # N^2 x D, the source's per-layer attention figure
     attn_flops: float     # 4 N^2 D: QK^T and AV, 2 FLOPs per multiply-add
     linear_flops: float   # 2 x tokens x (q, k, v, o, gate, up, down weights)
-    router_flops: float   # router matmuls: score on all N tokens (and again on the FiLMed vision ones), FiLM MLPs
+    router_flops: float   # the router's matmuls: its score on all N tokens, the FiLM MLPs
     kv_bytes: float       # K and V of this layer's tokens
 
     @property
@@ -818,8 +769,9 @@ class Accounting:
 def account(cfg: CogVLAConfig, batch_size: int = 1, bytes_per_value: int = 2,
             pruning_persists: bool = False) -> Accounting:
     """Per-layer cost of cfg's schedule vs dense. Elementwise work (norms, softmax, RoPE) is
-    left out; the router is counted. `pruning_persists=True` is the seed's figure's assumption
-    (standard layers run on the last LFP layer's K), which its own scatter design contradicts."""
+    left out; the router is counted. `pruning_persists=True` is the source's figure's
+    assumption (standard layers run on the last LFP layer's K), which its own scatter design
+    contradicts."""
     N, D, F_, L = cfg.seq_len, cfg.d_model, cfg.d_ff, cfg.n_layers
     d_kv = cfg.n_kv_heads * cfg.head_dim
     weights = D * D + 2 * D * d_kv + D * D + 3 * D * F_               # q, k, v, o, gate, up, down
@@ -828,76 +780,68 @@ def account(cfg: CogVLAConfig, batch_size: int = 1, bytes_per_value: int = 2,
         router = 0.0
         if lfp:
             router = 2 * N * D * 2                                     # score Linear(D, 2) on all N
-            if cfg.router_film:   # the FiLMed vision tokens are scored again; 2 MLPs D -> D/2 -> D on the text mean
-                router += 2 * cfg.n_vision * D * 2 + 2 * 2 * (D * (D // 2) + (D // 2) * D)
-        return LayerCost(layer, tokens, lfp, float(tokens ** 2 * D), 4.0 * tokens ** 2 * D * batch_size,
-                         2.0 * tokens * weights * batch_size, router * batch_size,
-                         2.0 * tokens * d_kv * bytes_per_value * batch_size)
+            if cfg.router_film:                       # 2 MLPs D -> D/2 -> D on the text's mean
+                router += 2 * 2 * (D * (D // 2) + (D // 2) * D)
+        return LayerCost(layer, tokens, float(tokens ** 2 * D),
+                         4.0 * tokens ** 2 * D * batch_size, 2.0 * tokens * weights * batch_size,
+                         router * batch_size, 2.0 * tokens * d_kv * bytes_per_value * batch_size)
 
-    layers, current, ratios = [], N, cfg.lfp_ratios
+    layers, tokens, ratios = [], N, cfg.lfp_ratios
     for l in range(L):
         if l in ratios:
-            current = n_kept_tokens(cfg, ratios[l])
-            layers.append(cost(l, current, True))
-        else:
-            layers.append(cost(l, current if pruning_persists else N, False))
+            tokens = n_kept_tokens(cfg, ratios[l])
+        elif not pruning_persists:                       # else the last LFP layer's K carries on
+            tokens = N
+        layers.append(cost(l, tokens, l in ratios))
     return Accounting(layers, [cost(l, N, False) for l in range(L)])
 
 
-# %% ====================================================================================
-# Walkthrough: `python cogvla_mini.py`
-# ======================================================================================
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
+# %% Walkthrough: `python cogvla_mini.py` ======================================================
 
 def parameter_report(model: CogVLA) -> dict[str, int]:
-    routers = sum(count_parameters(l.router) for l in model.llm.layers if isinstance(l, LFPDecoderLayer))
-    v = model.vision
-    return {
-        "vision: DINOv2-like ViT": count_parameters(v.dino),
-        "vision: SigLIP-like ViT": count_parameters(v.siglip),
-        "vision: projectors + fusion": count_parameters(v.dino_proj) + count_parameters(v.siglip_proj)
-        + count_parameters(v.fusion),
-        "llm: Llama decoder (no routers)": count_parameters(model.llm) - routers,
-        "llm: LFP routers (with FiLM)": routers,
-        "action segment + head": sum(p.numel() for n, p in model.named_parameters()
-                                     if n.startswith(("state_", "action_"))),
-    }
+    def count(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
+    v, llm = model.vision, model.llm
+    routers = count(*(l.router for l in llm.layers if isinstance(l, LFPDecoderLayer)))
+    head = sum(p.numel() for n, p in model.named_parameters()
+               if n.startswith(("state_", "action_")))
+    return {"vision: DINOv2-like ViT": count(v.dino), "vision: SigLIP-like ViT": count(v.siglip),
+            "vision: projectors + fusion": count(v.dino_proj, v.siglip_proj, v.fusion),
+            "llm: Llama decoder (no routers)": count(llm) - routers,
+            "llm: LFP routers (with FiLM)": routers, "action segment + head": head}
 
 
 def walkthrough():
     torch.manual_seed(0)
-    full = CogVLAConfig.seed()
-    for schedule in ("seed", REFERENCE_SCHEDULE):
+    for schedule in ("source", REFERENCE_SCHEDULE):
         cfg = CogVLAConfig.tiny(schedule=schedule)
         model = CogVLA(cfg).eval()
-        images, text_ids, state, _ = model.example_inputs(batch_size=2)
         with torch.no_grad():
-            out = model(images, text_ids, state)
+            out = model(*model.example_inputs(batch_size=2)[:3])            # images, text, state
         processed = {r.layer: r.kept_indices.shape[1] for r in out.lfp}   # read from the pass
-        acc = account(CogVLAConfig.seed(schedule=schedule))
-        print(f"\n=== schedule {schedule!r}: tiny model forward (D={cfg.d_model}), seed-size costs "
-              f"(D={full.d_model}) ===")
+        acc = account(CogVLAConfig.full(schedule=schedule))
+        print(f"\n=== schedule {schedule!r}: tiny model forward (D={cfg.d_model}), costs at the "
+              f"source's size (D={CogVLAConfig.full().d_model}) ===")
         print(f"{'layer':>5} {'tokens (pass)':>13} {'vision kept':>11} {'N^2*D (M)':>10} "
               f"{'linear GFLOP':>12} {'KV MiB':>7}")
         for c in acc.layers:
             n = processed.get(c.layer, cfg.seq_len)
             vis = n - (cfg.seq_len - cfg.n_vision)
             tag = " LFP" if c.layer in processed else ""
-            print(f"{c.layer:>5} {n:>13} {vis:>11} {c.attn_n2d / 1e6:>10.0f} {c.linear_flops / 1e9:>12.2f} "
-                  f"{c.kv_bytes / 2**20:>7.2f}{tag}")
-        print(f"tokens processed: {acc.token_share:.1%} of dense | attention N^2*D: "
-              f"{acc.total('attn_n2d') / 1e9:.2f} G vs dense {acc.total('attn_n2d', True) / 1e9:.2f} G | "
-              f"KV: {acc.total('kv_bytes') / 2**20:.0f} MiB vs {acc.total('kv_bytes', True) / 2**20:.0f} MiB "
-              f"(fp16, per sample) | FLOP-bound speedup {acc.speedup_bound:.3f}x")
-        if schedule == "seed":
-            seed_fig = account(CogVLAConfig.seed(), pruning_persists=True)
-            print(f"the seed's figure assumes pruning persists between LFP layers: {seed_fig.total('attn_n2d') / 1e9:.2f}"
-                  f" G N^2*D (it prints 5.12 G), {seed_fig.total('attn_n2d', True) / seed_fig.total('attn_n2d'):.2f}x;"
-                  f" its own scatter (Phase 6) gives {acc.total('attn_n2d', True) / acc.total('attn_n2d'):.2f}x")
-    print("\n=== parameters (tiny preset, seed schedule: 6 routers) ===")
+            print(f"{c.layer:>5} {n:>13} {vis:>11} {c.attn_n2d / 1e6:>10.0f} "
+                  f"{c.linear_flops / 1e9:>12.2f} {c.kv_bytes / 2**20:>7.2f}{tag}")
+        attn, attn_dense = acc.total("attn_n2d") / 1e9, acc.total("attn_n2d", True) / 1e9
+        kv, kv_dense = acc.total("kv_bytes") / 2**20, acc.total("kv_bytes", True) / 2**20
+        print(f"tokens processed: {acc.token_share:.1%} of dense | attention N^2*D: {attn:.2f} G "
+              f"vs dense {attn_dense:.2f} G | KV: {kv:.0f} MiB vs {kv_dense:.0f} MiB (fp16, per "
+              f"sample) | FLOP-bound speedup {acc.speedup_bound:.3f}x")
+        if schedule == "source":
+            fig = account(CogVLAConfig.full(), pruning_persists=True)
+            fig_attn = fig.total("attn_n2d") / 1e9
+            print(f"the source's figure assumes pruning persists between LFP layers: "
+                  f"{fig_attn:.2f} G N^2*D (it prints 5.12 G), {attn_dense / fig_attn:.2f}x; "
+                  f"its own scatter (Phase 6) gives {attn_dense / attn:.2f}x")
+    print("\n=== parameters (tiny preset, the source's schedule: 6 routers) ===")
     for name, n in parameter_report(CogVLA(CogVLAConfig.tiny())).items():
         print(f"{name:<34} {n:>10,}")
 

@@ -98,20 +98,20 @@ EXERCISES = {
         "their scores, take topk, then sort the indices: the layer needs its tokens in sequence order.",
         "force-keep + top-k selection", (), 15),
     "gather_scatter": Exercise(
-        "gather_tokens, gather_mask and scatter_tokens: take the kept rows out, and put their new values back.",
+        "gather_tokens and scatter_tokens: take the kept rows out, and put their new values back.",
         "gather_tokens: x [B, N, D], idx [B, K] -> [B, K, D], out[b, k] = x[b, idx[b, k]] (index x with "
-        "arange(B)[:, None] and idx, or torch.gather). gather_mask: mask [B or 1, 1, N, N] -> the kept rows, then "
-        "the kept columns, [B, 1, K, K] (torch.gather with expanded indices). scatter_tokens(x, idx, y [B, K, D]) "
-        "-> a new [B, N, D]: rows idx replaced by y (y already holds the residual), the others as in x.",
+        "arange(B)[:, None] and idx, or torch.gather). scatter_tokens(x, idx, y [B, K, D]) -> a new "
+        "[B, N, D]: rows idx replaced by y (y already holds the residual), the others as in x.",
         "gather and scatter with batched indices", (), 20),
     "lfp_layer": Exercise(
         "LFPDecoderLayer.forward_lfp, phases 1-6: score, select, gather, the block on the kept tokens, "
         "scatter back, check and record.",
-        "x [B, N, D] -> [B, N, D]. h = self.input_layernorm(x); keep_prob = self.router(h); idx = select(...,"
-        " self.n_keep, cfg); gather x, h and keep_prob at idx; mask = attention_mask(cfg, idx); positions "
-        "0..K-1 ('reindex') or idx ('original') through rope(positions, x.dtype); super().forward(x_kept, "
-        "cos, sin, mask, mlp_weight=w_kept, x_normed=h_kept); scatter_tokens; raise FloatingPointError "
-        "naming the layer on inf/NaN if cfg.check_values; append an LFPRecord if `records` is a list.",
+        "x [B, N, D] -> [B, N, D]. keep_prob = self.router(self.input_layernorm(x)); idx = select(...,"
+        " self.n_keep, cfg); gather x and keep_prob at idx; mask = attention_mask(cfg, idx); positions "
+        "0..K-1 ('reindex') or idx ('original') through rope(positions, x.dtype); the block's attention "
+        "and MLP on the kept tokens, the MLP output times the router weight; scatter_tokens; raise "
+        "FloatingPointError naming the layer on inf/NaN if cfg.check_values; append an LFPRecord if "
+        "`records` is a list.",
         "the whole LFP layer", ("rmsnorm", "rope", "causal_mask", "attention", "swiglu", "router", "select",
                                 "gather_scatter"), 40),
     "vit_film": Exercise(
@@ -321,7 +321,7 @@ def finish(children, timeout):
 HERE = Path(__file__).resolve().parent
 PROJECT_FILES = (".ci/run", ".gitignore", "README.md", "bench.py", "cogvla_mini.py", "pytest.ini", "requirements.txt",
                  "test_cogvla_mini.py", "test_course.py", "test_train_toy.py", "course.py", "train_toy.py")
-MARKER = re.compile(r"^(?P<indent>[ \t]*)# --- exercise (?P<id>\w+): (?P<kind>begin|end) ---$")
+MARKER = re.compile(r"^(?P<indent>[ \t]*)# --- exercise (?P<id>\w+) ---$")
 STUB_RAISE = ('raise NotImplementedError("exercise {id}: not started ({where}); '
               'check it with: python -m pytest -k {id}")')
 
@@ -329,38 +329,43 @@ STUB_RAISE = ('raise NotImplementedError("exercise {id}: not started ({where}); 
 @dataclasses.dataclass
 class Region:
     exercise: str
-    begin: int      # line index (from 0) of its begin marker
-    end: int        # line index of its end marker
+    begin: int      # line index (from 0) of its marker
+    end: int        # line index just after its last line
     indent: str     # the markers' indentation, which the body shares
 
 
 def find_regions(text, where="cogvla_mini.py"):
-    """The exercise regions of a source, in order; ValueError on a marker that is malformed,
-    unknown, unbalanced or nested."""
-    regions, current = [], None
-    for i, line in enumerate(text.split("\n")):
+    """The exercise regions of a source, in order. A region runs from its marker line to the end
+    of the block the marker sits in (the rest of the function body); ValueError on a marker that
+    is malformed, unknown, outside a function, followed by no code, or inside another region."""
+    lines, regions = text.split("\n"), []
+    for i, line in enumerate(lines):
         m = MARKER.match(line)
         if m is None:
             if "# --- exercise " in line:
                 raise ValueError(f"{where}:{i + 1}: malformed marker {line.strip()!r}: expected "
-                                 f"'# --- exercise <id>: begin ---' or '# --- exercise <id>: end ---' alone on a line")
+                                 f"'# --- exercise <id> ---' alone on a line")
             continue
         if m["id"] not in EXERCISES:
-            raise ValueError(f"{where}:{i + 1}: unknown exercise {m['id']!r}: expected one of {', '.join(EXERCISES)}")
-        if m["kind"] == "begin":
-            if current is not None:
-                raise ValueError(f"{where}:{i + 1}: exercise {m['id']} begins inside exercise {current.exercise} "
-                                 f"(begun at line {current.begin + 1}): regions do not nest")
-            current = Region(m["id"], i, -1, m["indent"])
-        elif current is None or current.exercise != m["id"] or current.indent != m["indent"]:
-            open_one = f" (exercise {current.exercise} is open since line {current.begin + 1})" if current else ""
-            raise ValueError(f"{where}:{i + 1}: 'exercise {m['id']}: end' has no begin at its indentation{open_one}")
-        else:
-            current.end = i
-            regions.append(current)
-            current = None
-    if current is not None:
-        raise ValueError(f"{where}:{current.begin + 1}: exercise {current.exercise} begins and never ends")
+            raise ValueError(f"{where}:{i + 1}: unknown exercise {m['id']!r}: expected one of "
+                             f"{', '.join(EXERCISES)}")
+        if not m["indent"]:
+            raise ValueError(f"{where}:{i + 1}: exercise {m['id']}: the marker must be inside a "
+                             f"function body, at the indentation of the code it marks")
+        if regions and regions[-1].begin < i < regions[-1].end:
+            raise ValueError(f"{where}:{i + 1}: exercise {m['id']} begins inside exercise "
+                             f"{regions[-1].exercise} (begun at line {regions[-1].begin + 1}): "
+                             f"regions do not nest, one marker per block")
+        end = i + 1
+        for j in range(i + 1, len(lines)):
+            if lines[j].strip() and not lines[j].startswith(m["indent"]):
+                break
+            if lines[j].strip():
+                end = j + 1                 # the last line of the block, blank lines after it left out
+        if end == i + 1:
+            raise ValueError(f"{where}:{i + 1}: exercise {m['id']}: no code follows the marker at "
+                             f"its indentation")
+        regions.append(Region(m["id"], i, end, m["indent"]))
     return regions
 
 

@@ -18,8 +18,8 @@ from course import assert_close, exercise, stubs_block
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                   reason="no CUDA device"))]
-SEED_LAYERS = [5, 10, 15, 20, 25, 30]
-SEED_COUNTS = [227, 207, 179, 140, 115, 102]   # the source's token counts
+SOURCE_LAYERS = [5, 10, 15, 20, 25, 30]
+SOURCE_COUNTS = [227, 207, 179, 140, 115, 102]   # the source's token counts
 
 
 # =============================================================================== helpers
@@ -65,7 +65,7 @@ TOL32 = 2e-5    # through the float32 norm / RoPE angles / softmax (observed err
 
 
 def small_cfg(**overrides):
-    """The seed's structure at a tiny layout: N = 1 + 16 vision + 6 text + 2 state + 12 queries = 37."""
+    """The source's structure at a tiny layout: N = 1 + 16 vision + 6 text + 2 state + 12 queries = 37."""
     base = dict(n_layers=2, schedule={1: 0.3}, n_heads=4, n_kv_heads=2, n_images=2, n_agg_tokens=8,
                 n_text=6, n_state=2, chunk_len=3, action_dim=4)
     return cm.CogVLAConfig.tiny(**{**base, **overrides})
@@ -203,17 +203,17 @@ def test_bad_input_gets_a_value_error_saying_what_was_expected(tiny, what, messa
 @pytest.mark.parametrize("overrides, message", [
     (dict(schedule="cosine"), "unknown schedule 'cosine'"),
     (dict(schedule="shiftedcos_decay_0.15_0.85"), "0 < min <= max <= 1"),
-    (dict(schedule={5: 0.0}), r"ratio for layer 5 must be in \(0, 1\], got 0.0"),
-    (dict(schedule={5: 1.5}), r"ratio for layer 5 must be in \(0, 1\], got 1.5"),
-    (dict(schedule={32: 0.5}), r"LFP layer index must be an int in \[0, 32\), got 32"),
+    (dict(schedule={5: 0.0}), r"ratio for layer 5: expected one in \(0, 1\], got 0.0"),
+    (dict(schedule={5: 1.5}), r"ratio for layer 5: expected one in \(0, 1\], got 1.5"),
+    (dict(schedule={32: 0.5}), r"LFP layer index: expected an int in \[0, 32\), got 32"),
     (dict(schedule={-1: 0.5}), r"got -1"),
-    (dict(n_layers=8), '"seed" is defined for 32 layers, got n_layers=8; use "shiftedcos_decay'),
-    (dict(attn_impl="flash"), "attn_impl 'math', 'sdpa' or 'sdpa_causal'"),
-    (dict(mask_kind="bidirectional"), "mask_kind 'causal' or 'catten'"),
-    (dict(position_mode="absolute"), "position_mode 'reindex' or 'original'"),
+    (dict(n_layers=8), 'schedule "source": expected 32 layers \\(else use "shiftedcos_decay.*got n_layers=8'),
+    (dict(attn_impl="flash"), r"expected attn_impl one of \('math', 'sdpa', 'sdpa_causal'\), got 'flash'"),
+    (dict(mask_kind="bidirectional"), r"expected mask_kind one of \('causal', 'catten'\), got 'bidirectional'"),
+    (dict(position_mode="absolute"), r"expected position_mode one of \('reindex', 'original'\), got 'absolute'"),
     (dict(d_model=66), "d_model divisible by n_heads"),
     (dict(image_size=30), "image_size divisible by patch_size"),
-], ids=["unknown-name", "min-above-max", "ratio-0", "ratio-1.5", "layer-32", "layer-minus-1", "seed-needs-32-layers",
+], ids=["unknown-name", "min-above-max", "ratio-0", "ratio-1.5", "layer-32", "layer-minus-1", "source-needs-32-layers",
         "attn_impl", "mask_kind", "position_mode", "d_model", "image_size"])   # ids without exercise names (-k)
 def test_bad_config_gets_a_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -361,7 +361,7 @@ def test_rope_score_depends_only_on_the_position_offset():
 
 @exercise("rope")
 def test_rope_stays_float32_inside_a_bf16_model():
-    cfg = CogVLAConfig.tiny(d_model=256, n_heads=2, n_kv_heads=2, n_layers=1, schedule={})  # head dim 128, as the seed's
+    cfg = CogVLAConfig.tiny(d_model=256, n_heads=2, n_kv_heads=2, n_layers=1, schedule={})  # head dim 128, as at full size
     rope = cm.LlamaDecoder(cfg).to(torch.bfloat16).rotary_emb
     pos = torch.arange(256)[None]
     cos, sin = rope(pos, torch.bfloat16)
@@ -436,13 +436,11 @@ def test_gathered_mask_is_the_kept_rows_and_columns_of_the_full_mask(mask_kind):
     assert full.shape == (1, 1, 256, 256)
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(256, generator=g)[:150].sort().values for _ in range(2)])
-    gathered = cm.gather_mask(full, idx)          # the seed's Phase 3: rows, then columns
     built = cm.attention_mask(cfg, idx)           # what the LFP layer does: build it from the indices
-    assert gathered.shape == built.shape == (2, 1, 150, 150)
-    for b in range(2):
+    assert built.shape == (2, 1, 150, 150)
+    for b in range(2):                            # the source's Phase 3: the kept rows, then columns
         kept = idx[b].tolist()
         expect = torch.tensor([[bool(full[0, 0, i, j]) for j in kept] for i in kept])
-        assert torch.equal(gathered[b, 0], expect)
         assert torch.equal(built[b, 0], expect)
 
 
@@ -605,7 +603,7 @@ def llama_keys(n_layers):
 def test_decoder_state_dict_has_llama_keys_plus_the_lfp_scorers(tiny):
     keys = set(tiny.llm.state_dict())
     assert {k for k in keys if ".router." not in k} == llama_keys(32)
-    assert {int(k.split(".")[1]) for k in keys if ".router." in k} == set(SEED_LAYERS)
+    assert {int(k.split(".")[1]) for k in keys if ".router." in k} == set(SOURCE_LAYERS)
 
 
 def test_decoder_matches_transformers_llama():
@@ -671,14 +669,14 @@ def test_router_keep_probability_uses_film_on_vision_only():
             lambda: 1 - ref_router_keep_prob(router, h, cfg)})
 
 
-def test_filmed_vision_scores_spliced_in_equal_the_clear_concatenation():
+def test_keep_scores_come_from_the_filmed_vision_tokens_and_the_rest_as_they_are():
     model = make_model()
     randomize_films(model, vision=False)
     cfg, router = model.cfg, model.llm.layers[10].router
     h = torch.randn(2, 256, cfg.d_model)
     text = h[:, cfg.text_start:cfg.action_start].mean(1)
     vision = h[:, 1:cfg.text_start] * (1 + router.film_scale(text)[:, None]) + router.film_shift(text)[:, None]
-    clear = torch.cat([h[:, :1], vision, h[:, cfg.text_start:]], dim=1)      # the seed's Phase 1.2
+    clear = torch.cat([h[:, :1], vision, h[:, cfg.text_start:]], dim=1)      # the source's Phase 1.2
     torch.testing.assert_close(router(h), router.score(clear).softmax(-1)[..., 1])
     assert not torch.allclose(router(h), router.score(h).softmax(-1)[..., 1])  # FiLM did something
 
@@ -850,16 +848,6 @@ def test_gather_and_scatter_tokens_take_and_replace_the_kept_rows():
     assert torch.equal(x, x_before), "scatter_tokens changed x in place: return a new tensor (Tensor.scatter, not scatter_)"
 
 
-@exercise("gather_scatter")
-def test_gather_mask_takes_the_kept_rows_then_the_kept_columns():
-    full = torch.rand(1, 1, 9, 9, generator=gen(43)) < 0.5                    # any mask, not only causal ones
-    idx = kept_rows(44)
-    want = torch.stack([full[0, 0][idx[b]][:, idx[b]] for b in range(2)])[:, None]   # [B, 1, K, K]
-    assert_close(cm.gather_mask(full, idx).int(), want.int(), 0, "gather_mask(mask [1, 1, 9, 9] bool, idx [2, 5])",
-                 {"mask": full, "idx": idx}, {
-        "rows and columns swapped (the kept mask transposed)": lambda: want.transpose(-1, -2).int()})
-
-
 # ----------------------------------------------------------------------------- the LFP layer (Phases 1-6)
 
 def ref_lfp_layer(layer, x, cfg, ratio, weight_on="mlp", add=False):
@@ -980,19 +968,19 @@ def test_non_finite_hidden_state_after_scatter_names_the_layer():
 
 # ----------------------------------------------------------------------------- the schedule
 
-def test_seed_ratios_keep_163_143_115_76_51_38_vision_tokens():
-    assert [int(192 * r) for r in cm.SEED_SCHEDULE.values()] == [163, 143, 115, 76, 51, 38]
+def test_source_ratios_keep_163_143_115_76_51_38_vision_tokens():
+    assert [int(192 * r) for r in cm.SOURCE_SCHEDULE.values()] == [163, 143, 115, 76, 51, 38]
 
 
 @exercise("schedule")
-def test_seed_formula_gives_the_values_spec_states():
-    got = [cm.shifted_cos_with_ratio(0.5, l, 32) for l in SEED_LAYERS]
-    want = [math.cos(l * math.pi / 31) / 2 + 0.5 for l in SEED_LAYERS]      # 0.937 0.765 0.525 0.280 0.090 0.003
+def test_source_formula_gives_the_values_spec_states():
+    got = [cm.shifted_cos_with_ratio(0.5, l, 32) for l in SOURCE_LAYERS]
+    want = [math.cos(l * math.pi / 31) / 2 + 0.5 for l in SOURCE_LAYERS]      # 0.937 0.765 0.525 0.280 0.090 0.003
     assert_close(torch.tensor(got), torch.tensor(want), 1e-12, f"shifted_cos_with_ratio(0.5, layer, 32) for layers "
-                 f"{SEED_LAYERS}", mistakes={
+                 f"{SOURCE_LAYERS}", mistakes={
         "cos(layer pi / n_layers): n_layers - 1 is the last layer":
-            lambda: torch.tensor([math.cos(l * math.pi / 32) / 2 + 0.5 for l in SEED_LAYERS]),
-        "the cosine not halved": lambda: torch.tensor([math.cos(l * math.pi / 31) + 0.5 for l in SEED_LAYERS])})
+            lambda: torch.tensor([math.cos(l * math.pi / 32) / 2 + 0.5 for l in SOURCE_LAYERS]),
+        "the cosine not halved": lambda: torch.tensor([math.cos(l * math.pi / 31) + 0.5 for l in SOURCE_LAYERS])})
     for layer, want in ((0, 1.0), (31, 0.0)):
         got = cm.shifted_linear_with_ratio(0.5, layer, 32)
         assert got == want, f"shifted_linear_with_ratio(0.5, {layer}, 32): expected {want}, got {got}"
@@ -1007,7 +995,7 @@ def test_reference_schedule_prunes_layers_8_to_31_floored_at_0_15():
     try:
         got = CogVLAConfig.tiny(schedule="shiftedcos_decay_0.85_0.15").lfp_ratios
     except ValueError as err:   # lfp_schedule refuses a ratio outside (0, 1]: which variant makes that one?
-        bad = re.search(r"ratio for layer (\d+) must be in \(0, 1\], got (\S+)", str(err))
+        bad = re.search(r"ratio for layer (\d+): expected one in \(0, 1\], got (\S+)", str(err))
         named = [name for name, table in variants.items() if bad and table.get(int(bad[1])) == float(bad[2])]
         raise AssertionError(f"shiftedcos_decay_0.85_0.15 on 32 layers: lfp_schedule raised {err}"
                              + (f"\n  likely mistake: {named[0]}" if named else "")) from None
@@ -1083,13 +1071,13 @@ def test_pruned_decoder_matches_naive_llama_with_a_naive_pruning_layer():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_seed_layers_keep_the_sources_token_counts(device):
+def test_source_layers_keep_the_sources_token_counts(device):
     model = make_model(device)
     images, text_ids, state, _ = model.example_inputs(batch_size=3)
     with torch.no_grad():
         out = model(images, text_ids, state)
-    assert [r.layer for r in out.lfp] == SEED_LAYERS
-    assert [tuple(r.kept_indices.shape) for r in out.lfp] == [(3, k) for k in SEED_COUNTS]
+    assert [r.layer for r in out.lfp] == SOURCE_LAYERS
+    assert [tuple(r.kept_indices.shape) for r in out.lfp] == [(3, k) for k in SOURCE_COUNTS]
     assert all(r.keep_probs.shape == (3, 256) for r in out.lfp)
 
 
@@ -1470,19 +1458,19 @@ def test_accounting_attn_and_linear_flops_equal_counted_flops_dense_and_lfp(B):
         "the dense column of layer 1: expected the dense layer's counted FLOPs"
 
 
-def test_accounting_reproduces_the_seeds_figures_and_the_true_totals():
-    acc = cm.account(CogVLAConfig.seed())
+def test_accounting_reproduces_the_sources_figures_and_the_true_totals():
+    acc = cm.account(CogVLAConfig.full())
     per_layer = {c.layer: c for c in acc.layers}
     assert round(per_layer[0].attn_n2d / 1e6) == 268 and round(per_layer[5].attn_n2d / 1e6) == 211
-    assert [per_layer[l].tokens for l in SEED_LAYERS] == SEED_COUNTS
+    assert [per_layer[l].tokens for l in SOURCE_LAYERS] == SOURCE_COUNTS
     assert per_layer[6].tokens == 256                                     # scatter: all tokens again
     assert round(acc.token_share, 3) == 0.931
     assert round(acc.total("attn_n2d", dense=True) / acc.total("attn_n2d"), 2) == 1.12
     assert 1.06 < acc.speedup_bound < 1.08
     assert acc.total("kv_bytes", dense=True) == 128 * 2 ** 20
-    persist = cm.account(CogVLAConfig.seed(), pruning_persists=True)
-    assert round(persist.total("attn_n2d") / 1e9, 2) == 4.69               # not the seed's 5.12
-    ref = cm.account(CogVLAConfig.seed(schedule="shiftedcos_decay_0.85_0.15"))
+    persist = cm.account(CogVLAConfig.full(), pruning_persists=True)
+    assert round(persist.total("attn_n2d") / 1e9, 2) == 4.69               # not the source's 5.12
+    ref = cm.account(CogVLAConfig.full(schedule="shiftedcos_decay_0.85_0.15"))
     assert round(ref.token_share, 3) == 0.651
     assert round(ref.speedup_bound, 2) == 1.54
 
@@ -1497,7 +1485,7 @@ def test_accounting_counts_the_keep_scorer():
 def test_walkthrough_prints_the_tokens_each_layer_processed(capsys):
     cm.walkthrough()
     out = capsys.readouterr().out
-    for layer, count in zip(SEED_LAYERS, SEED_COUNTS):
+    for layer, count in zip(SOURCE_LAYERS, SOURCE_COUNTS):
         assert f"{layer:>5} {count:>13}" in out
     assert "93.1% of dense" in out and "65.1% of dense" in out
 
@@ -1508,7 +1496,7 @@ def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
     parsed = [json.loads(line) for line in lines]
     assert parsed == rows
     assert [(r["schedule"], r["pass"]) for r in rows] == [
-        (s, p) for s in ("seed", cm.REFERENCE_SCHEDULE) for p in ("forward", "forward+backward")]
+        (s, p) for s in ("source", cm.REFERENCE_SCHEDULE) for p in ("forward", "forward+backward")]
     for r in rows:
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["lfp_ms"], rel=0.01)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"], rel=0.01)

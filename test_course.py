@@ -28,13 +28,15 @@ def test_every_exercise_has_regions_and_tests_and_dash_k_picks_only_its_own():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("    # --- exercise rope: begin ---\n    x = 1\n", "f.py:1: exercise rope begins and never ends"),
-    ("x = 1\n    # --- exercise rope: end ---\n", "f.py:2: 'exercise rope: end' has no begin"),
-    ("# --- exercise rope: begin ---\n# --- exercise select: begin ---\n", "f.py:2: exercise select begins inside"),
-    ("# --- exercise nope: begin ---\n# --- exercise nope: end ---\n", "f.py:1: unknown exercise 'nope'"),
-    ("# --- exercise rope: begin\n", "f.py:1: malformed marker"),
-    ("    # --- exercise rope: begin ---\n  # --- exercise rope: end ---\n", "f.py:2: .* has no begin at its indentation"),
-], ids=["never-ends", "end-without-begin", "nested", "unknown-id", "malformed", "indentation"])
+    ("def f():\n    # --- exercise rope ---\n\nx = 1\n", "f.py:2: exercise rope: no code follows the marker"),
+    ("# --- exercise rope ---\nx = 1\n", "f.py:1: exercise rope: the marker must be inside a function body"),
+    ("def f():\n    # --- exercise rope ---\n    x = 1\n    # --- exercise select ---\n    y = 2\n",
+     "f.py:4: exercise select begins inside exercise rope"),
+    ("def f():\n    # --- exercise nope ---\n    x = 1\n", "f.py:2: unknown exercise 'nope'"),
+    ("def f():\n    # --- exercise rope\n    x = 1\n", "f.py:2: malformed marker"),
+    ("def f():\n    # --- exercise rope: begin ---\n    x = 1\n", "f.py:2: malformed marker .* expected "
+     "'# --- exercise <id> ---' alone"),
+], ids=["no-code", "outside-a-function", "nested", "unknown-id", "malformed", "begin-end-form"])
 def test_marker_mistakes_are_refused_naming_the_line(text, message):
     with pytest.raises(ValueError, match=message):
         find_regions(text, "f.py")
@@ -52,7 +54,8 @@ def test_handout_refuses_unknown_ids_a_used_folder_and_broken_markers_writing_no
     project = tmp_path / "project"
     project.mkdir()
     source = open(cm.__file__).read()
-    (project / "cogvla_mini.py").write_text(source.replace("# --- exercise select: end ---", "", 1))
+    (project / "cogvla_mini.py").write_text(source.replace("    # --- exercise select ---",
+                                                          "    # --- exercise select ---\n    # --- exercise rope ---", 1))
     with pytest.raises(ValueError, match="begins inside exercise select .* regions do not nest"):
         make_handout(["rope"], tmp_path / "b", project)
     assert not (tmp_path / "b").exists()
@@ -70,9 +73,9 @@ PLANTED = {   # exercise: (a line of the reference, what a student wrote instead
     "causal_mask": ("    allowed = k <= q ", "    allowed = k >= q ", "mask transposed"),
     "select": ("    return idx.sort(dim=-1).values", "    return idx", "top-k indices left in score order"),
     "gather_scatter": ("    out[batch, idx] = y", "    out[batch, idx] += y", "added instead of replaced"),
-    "lfp_layer": ("        y = super().forward(x_kept, cos, sin, mask_kept, mlp_weight=w_kept, x_normed=h_kept)",
-                  "        y = x_kept + self.self_attn(h_kept, cos, sin, mask_kept) * w_kept[..., None]\n"
-                  "        y = y + self.mlp(self.post_attention_layernorm(y))  # ",
+    "lfp_layer": ("        y = y + w_kept[..., None] * self.mlp(self.post_attention_layernorm(y))",
+                  "        y = x_kept + w_kept[..., None] * (y - x_kept)\n"
+                  "        y = y + self.mlp(self.post_attention_layernorm(y))",
                   "the router weight scales the attention output"),
     "router": ("vision * (1 + gamma[:, None]) + beta[:, None]", "vision * gamma[:, None] + beta[:, None]",
                "FiLM as x * gamma + beta"),

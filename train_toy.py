@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from cogvla_mini import CogVLA, CogVLAConfig, SEED_SCHEDULE
+from cogvla_mini import SOURCE_SCHEDULE, CogVLA, CogVLAConfig
 
 # %% ====================================================================================
 # The synthetic task
@@ -52,7 +52,7 @@ WORD_ID = {w: i for i, w in enumerate(VOCAB)}
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 0.9), "yellow": (0.9, 0.85, 0.1)}
 VERBS = {"pick": 1.0, "push": -1.0}        # the gripper value of the whole chunk
 N_BLOCKS = 3                               # blocks per scene, each a different colour
-IMAGE_SIZE, PATCH = 56, 7                  # 8 x 8 patches per camera: 3 x 64 = 192 vision tokens, as the seed
+IMAGE_SIZE, PATCH = 56, 7                  # 8 x 8 patches per camera: 3 x 64 = 192 vision tokens, as the source
 BLOCK_HALF = 0.12                          # half the block's side, in table units ([-1, 1])
 MIN_SEPARATION = 0.5                       # between block centres, so reaching the wrong one fails
 STEP_SCALE = 0.16                          # the longest possible step (1.6 / 10): actions are normalised by it
@@ -65,9 +65,9 @@ DEPTH = [2, 1, 0]                          # top looks down z, front along y, si
 
 
 def toy_config(tokens: str = "patch", film: bool = True, n_layers: int = 8) -> CogVLAConfig:
-    """The tiny preset at 8 layers with the seed's six keep ratios on layers 1..6 (the last
-    layer stays standard, as the seed's layer 31 does)."""
-    schedule = dict(zip(range(1, 7), SEED_SCHEDULE.values()))
+    """The tiny preset at 8 layers with the source's six keep ratios on layers 1..6 (the last
+    layer stays standard, as the source's layer 31 does)."""
+    schedule = dict(zip(range(1, 7), SOURCE_SCHEDULE.values()))
     return CogVLAConfig.tiny(n_layers=n_layers, schedule=schedule, vocab_size=len(VOCAB), bos_id=WORD_ID["<bos>"],
                              image_size=IMAGE_SIZE, patch_size=PATCH, n_agg_tokens=0 if tokens == "patch" else 64,
                              router_film=film, attn_impl="sdpa")
