@@ -1,8 +1,8 @@
 """Train a small CogVLA on a synthetic reaching task, dense vs LFP, and show what LFP keeps.
 
 The task cannot be solved without reading the instruction and looking at the right place:
-three coloured blocks (of four colours) sit at random 3-D positions over a black table, seen by a
-top, a front and a side camera (each view shows only two of the three coordinates, so the
+three coloured blocks (of four colours) sit at random 3-D positions over a black table, seen by
+a top, a front and a side camera (each view shows only two of the three coordinates, so the
 3-D position needs two views). The instruction names one block by colour and a verb ("pick"
 or "push"); the state is the gripper's 3-D position. The target is a chunk of 10 actions
 (dx, dy, dz, gripper) that moves the gripper in equal steps onto the named block, with the
@@ -11,11 +11,11 @@ gripper closed (+1) to pick and open (-1) to push.
 Besides the action loss, a grounding probe (see ToyPolicy; --ground-weight, 0 turns it off)
 teaches the vision tower which block the words name. The LFP routers are never given labels.
 
-    python train_toy.py                 # LFP, patch tokens, about 4 minutes on 2 CPU cores
+    python train_toy.py                 # LFP, patch tokens, a few minutes on 2 CPU cores
     python train_toy.py --compare       # dense and LFP from the same seed, side by side
     python train_toy.py --no-film       # LFP without the router's FiLM (the ablation)
     python train_toy.py --tokens agg    # CogVLA's aggregation tokens instead of patches
-    python train_toy.py --where-read    # then: which layers does the action need the named block in?
+    python train_toy.py --where-read    # then: which layers does the action need the block in?
     torchrun --standalone --nproc_per_node=2 train_toy.py   # DistributedDataParallel
 
 Everything is generated here; nothing is downloaded. The last line printed is one JSON
@@ -43,58 +43,59 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cogvla_mini import SOURCE_SCHEDULE, CogVLA, CogVLAConfig
 
-# %% ====================================================================================
-# The synthetic task
-# ======================================================================================
+# %% The synthetic task ========================================================================
 
 VOCAB = ["<pad>", "<bos>", "pick", "push", "the", "red", "green", "blue", "yellow", "block"]
 WORD_ID = {w: i for i, w in enumerate(VOCAB)}
-COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 0.9), "yellow": (0.9, 0.85, 0.1)}
-VERBS = {"pick": 1.0, "push": -1.0}        # the gripper value of the whole chunk
-N_BLOCKS = 3                               # blocks per scene, each a different colour
-IMAGE_SIZE, PATCH = 56, 7                  # 8 x 8 patches per camera: 3 x 64 = 192 vision tokens, as the source
-BLOCK_HALF = 0.12                          # half the block's side, in table units ([-1, 1])
-MIN_SEPARATION = 0.5                       # between block centres, so reaching the wrong one fails
-STEP_SCALE = 0.16                          # the longest possible step (1.6 / 10): actions are normalised by it
-SUCCESS_TOLERANCE = 0.25                   # success: the gripper ends within this of the named block's centre
-                                           # (blocks are >= 0.5 apart, so it cannot be another block)
-STRICT_TOLERANCE = 0.15                    # reported too, as `success_015`
+COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 0.9),
+          "yellow": (0.9, 0.85, 0.1)}
+VERBS = {"pick": 1.0, "push": -1.0}  # the gripper value of the whole chunk
+N_BLOCKS = 3                         # blocks per scene, each a different colour
+IMAGE_SIZE, PATCH = 56, 7            # 8 x 8 patches per camera: 3 x 64 = 192 vision tokens
+BLOCK_HALF = 0.12                    # half the block's side, in table units ([-1, 1])
+MIN_SEPARATION = 0.5                 # between block centres, so reaching the wrong one fails
+STEP_SCALE = 0.16                    # the longest possible step (1.6 / 10): actions are scaled by it
+SUCCESS_TOLERANCE = 0.25             # success: the gripper ends this near the named block's centre
+                                     # (blocks are >= 0.5 apart, so it cannot be another block)
+STRICT_TOLERANCE = 0.15              # reported too, as `success_015`
 # Camera k shows the coordinates VIEWS[k] (image column, image row) and looks along DEPTH[k].
-VIEWS = [(0, 1), (0, 2), (1, 2)]           # top: x-y, front: x-z, side: y-z
-DEPTH = [2, 1, 0]                          # top looks down z, front along y, side along x
+VIEWS = [(0, 1), (0, 2), (1, 2)]     # top: x-y, front: x-z, side: y-z
+DEPTH = [2, 1, 0]                    # top looks down z, front along y, side along x
 
 
 def toy_config(tokens: str = "patch", film: bool = True, n_layers: int = 8) -> CogVLAConfig:
     """The tiny preset at 8 layers with the source's six keep ratios on layers 1..6 (the last
     layer stays standard, as the source's layer 31 does)."""
     schedule = dict(zip(range(1, 7), SOURCE_SCHEDULE.values()))
-    return CogVLAConfig.tiny(n_layers=n_layers, schedule=schedule, vocab_size=len(VOCAB), bos_id=WORD_ID["<bos>"],
-                             image_size=IMAGE_SIZE, patch_size=PATCH, n_agg_tokens=0 if tokens == "patch" else 64,
-                             router_film=film, attn_impl="sdpa")
+    return CogVLAConfig.tiny(n_layers=n_layers, schedule=schedule, vocab_size=len(VOCAB),
+                             bos_id=WORD_ID["<bos>"], image_size=IMAGE_SIZE, patch_size=PATCH,
+                             n_agg_tokens=0 if tokens == "patch" else 64, router_film=film,
+                             attn_impl="sdpa")
 
 
 def make_batch(batch_size: int, seed: int, named=None, verb=None):
     """A batch of scenes from its own seed (so any batch can be made again, on any rank, after
     any resume). `named` [B] (which of the 3 blocks) and `verb` [B] (0 pick, 1 push) override
-    the instruction of the same scenes. Returns model inputs, targets, and what evaluation needs."""
+    the instruction of the same scenes. Returns model inputs, targets, and what evaluation
+    needs."""
     g = torch.Generator().manual_seed(seed)
     B = batch_size
     # Block positions: resample any scene whose blocks come closer than MIN_SEPARATION.
     pos = torch.rand(B, N_BLOCKS, 3, generator=g) * 1.6 - 0.8                  # [B, 3 blocks, xyz]
     for _ in range(100):
-        dist_ = (pos[:, :, None] - pos[:, None]).norm(dim=-1) + torch.eye(N_BLOCKS) * 9  # [B, 3, 3]
-        bad = dist_.min(dim=-1).values.min(dim=-1).values < MIN_SEPARATION     # [B]
+        apart = (pos[:, :, None] - pos[:, None]).norm(dim=-1) + torch.eye(N_BLOCKS) * 9  # [B, 3, 3]
+        bad = apart.min(dim=-1).values.min(dim=-1).values < MIN_SEPARATION      # [B]
         if not bad.any():
             break
         pos[bad] = torch.rand(int(bad.sum()), N_BLOCKS, 3, generator=g) * 1.6 - 0.8
-    colors = torch.stack([torch.randperm(len(COLORS), generator=g)[:N_BLOCKS] for _ in range(B)])  # [B, 3]
+    colors = torch.stack([torch.randperm(len(COLORS), generator=g)[:N_BLOCKS] for _ in range(B)])
     target = torch.randint(0, N_BLOCKS, (B,), generator=g)                     # which block is named
     verb_ = torch.randint(0, len(VERBS), (B,), generator=g)
     state = torch.rand(B, 3, generator=g) * 1.6 - 0.8                           # gripper position
     target = target if named is None else torch.as_tensor(named)
     verb = verb_ if verb is None else torch.as_tensor(verb)
 
-    images, block_id = render(pos, colors)                                     # [B, 3, 3, H, W], [B, 3, H, W]
+    images, block_id = render(pos, colors)                        # [B, 3, 3, H, W], [B, 3, H, W]
     color_names, verb_names = list(COLORS), list(VERBS)
     text_ids = torch.zeros(B, 20, dtype=torch.long)
     for b in range(B):
@@ -105,24 +106,25 @@ def make_batch(batch_size: int, seed: int, named=None, verb=None):
     goal = pos[torch.arange(B), target]                                        # [B, 3]
     # Like OpenVLA's action normalisation, each step is scaled to [-1, 1] so that position
     # errors weigh in the L1 loss as much as gripper errors do.
-    actions = torch.cat([((goal - state) / 10 / STEP_SCALE)[:, None].expand(B, 10, 3),  # equal steps onto the block
-                         torch.tensor([VERBS[v] for v in verb_names])[verb][:, None, None].expand(B, 10, 1)],
-                        dim=-1)                                                # [B, 10, 4]
+    steps = ((goal - state) / 10 / STEP_SCALE)[:, None].expand(B, 10, 3)      # equal steps
+    grip = torch.tensor([VERBS[v] for v in verb_names])[verb][:, None, None].expand(B, 10, 1)
+    actions = torch.cat([steps, grip], dim=-1)                                 # [B, 10, 4]
     # The named block's patches: any patch showing one of its visible pixels, per camera; the
     # other blocks' patches: those showing another block and nothing of the named one.
     named = (block_id == target[:, None, None, None]).float()                 # [B, 3, H, W]
     other = ((block_id >= 0) & (block_id != target[:, None, None, None])).float()
-    named_patches = F.max_pool2d(named, PATCH).flatten(1).bool()              # [B, 3 x 64] in token order
-    other_patches = F.max_pool2d(other, PATCH).flatten(1).bool() & ~named_patches  # [B, 3 x 64]
-    return dict(images=images, text_ids=text_ids, state=state, actions=actions, goal=goal, blocks=pos,
-                target=target, named_patches=named_patches, other_patches=other_patches)
+    named_patches = F.max_pool2d(named, PATCH).flatten(1).bool()              # [B, 3 x 64]
+    other_patches = F.max_pool2d(other, PATCH).flatten(1).bool() & ~named_patches
+    return dict(images=images, text_ids=text_ids, state=state, actions=actions, goal=goal,
+                blocks=pos, target=target, named_patches=named_patches, other_patches=other_patches)
 
 
 def render(pos, colors):
     """Draw each block as a square in each of the 3 views, nearest block in front (a z-buffer).
-    pos [B, 3, xyz], colors [B, 3] -> images [B, 3 cams, 3, H, W], block_id [B, 3 cams, H, W] (-1: table)."""
+    pos [B, 3, xyz], colors [B, 3] -> images [B, 3 cams, 3, H, W], block_id [B, 3 cams, H, W]
+    (-1: table)."""
     B, H = pos.shape[0], IMAGE_SIZE
-    centers = (torch.arange(H) + 0.5) / H * 2 - 1                              # pixel centres in [-1, 1]
+    centers = (torch.arange(H) + 0.5) / H * 2 - 1                              # pixel centres
     palette = torch.tensor(list(COLORS.values()))                              # [4, 3]
     # A black table: every colour then differs from it in the same direction (brighter), which
     # one linear feature can detect; on grey, yellow is brighter and blue darker than the table.
@@ -133,223 +135,13 @@ def render(pos, colors):
         for k in range(N_BLOCKS):
             cols = (centers[None] - pos[:, k, u, None]).abs() <= BLOCK_HALF     # [B, W]
             rows = (centers[None] - pos[:, k, v, None]).abs() <= BLOCK_HALF     # [B, H]
-            # a camera looks from the + side of its depth axis: larger coordinate = nearer
-            near = -pos[:, k, d]                                                # [B]
-            inside = rows[:, :, None] & cols[:, None, :] & (near[:, None, None] < depth)  # [B, H, W]
-            depth = torch.where(inside, near[:, None, None], depth)
+            near = -pos[:, k, d]       # [B] a camera looks from the + side: larger = nearer
+            inside = rows[:, :, None] & cols[:, None, :] & (near[:, None, None] < depth)
+            depth = torch.where(inside, near[:, None, None], depth)             # [B, H, W]
             block_id[:, cam] = torch.where(inside, k, block_id[:, cam])
             rgb = palette[colors[:, k]]                                         # [B, 3]
             images[:, cam] = torch.where(inside[:, None], rgb[:, :, None, None], images[:, cam])
     return images, block_id
-
-
-# %% ====================================================================================
-# Evaluation
-# ======================================================================================
-
-@torch.no_grad()
-def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 64, withhold=None) -> dict:
-    """Held-out metrics. Where the gripper ends: `nearest` (closer to the named block than to
-    the other two; chance 1/3), `success` (within SUCCESS_TOLERANCE of its centre) and
-    `success_015` (within STRICT_TOLERANCE). What LFP kept: per LFP layer, the share of the named block's
-    patches kept, the other blocks' share, and chance (the layer's keep ratio). `withhold`:
-    (which patches, e.g. "named_patches", {drop_at: ..., hide_at: ...}) for `patches_withheld`,
-    applied to every batch."""
-    was_training = model.training
-    model.eval()
-    cfg = model.cfg
-    n = data["state"].shape[0]
-    l1, nearest, success, success_015 = 0.0, 0, 0, 0
-    kept = {"named_patches": {}, "other_patches": {}}     # {which: {layer: [kept, total]}}
-    # Aggregation tokens are not places in an image: "the named block's tokens" has no meaning there.
-    patch_mode = cfg.n_agg_tokens == 0
-    for start in range(0, n, batch_size):
-        part = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
-        withheld = patches_withheld(model, part[withhold[0]], **withhold[1]) if withhold else contextlib.nullcontext()
-        with autocast(device), withheld:
-            out = model(part["images"], part["text_ids"], part["state"], part["actions"], prune=prune)
-        pred = out.actions.float()
-        l1 += F.l1_loss(pred, part["actions"], reduction="sum").item() / pred[0].numel()
-        final = part["state"] + pred[..., :3].sum(dim=1) * STEP_SCALE         # [b, 3]
-        to_blocks = (final[:, None] - part["blocks"]).norm(dim=-1)             # [b, 3 blocks]
-        to_goal = to_blocks.gather(1, part["target"][:, None])[:, 0]           # [b]
-        nearest += int((to_blocks.argmin(dim=-1) == part["target"]).sum())
-        success += int((to_goal < SUCCESS_TOLERANCE).sum())
-        success_015 += int((to_goal < STRICT_TOLERANCE).sum())
-        for record in out.lfp if patch_mode else []:
-            is_kept = torch.zeros_like(record.keep_probs, dtype=torch.bool).scatter(1, record.kept_indices, True)
-            vision_kept = is_kept[:, cfg.vision_start:cfg.text_start]          # [b, V]
-            for which, counts in kept.items():
-                c = counts.setdefault(record.layer, [0, 0])
-                c[0] += int((vision_kept & part[which]).sum())
-                c[1] += int(part[which].sum())
-    model.train(was_training)
-    share = {which: {l: round(k / max(t, 1), 4) for l, (k, t) in counts.items()} if patch_mode else None
-             for which, counts in kept.items()}
-    return dict(l1=round(l1 / n, 4), nearest=round(nearest / n, 4), success=round(success / n, 4),
-                success_015=round(success_015 / n, 4),
-                kept_share=share["named_patches"], kept_share_other=share["other_patches"],
-                chance={l: round(int(cfg.n_vision * r) / cfg.n_vision, 4)
-                        for l, r in cfg.lfp_ratios.items()} if prune else {})
-
-
-@torch.no_grad()
-def keep_maps(model: CogVLA, data: dict, device, sample: int = 0) -> str:
-    """ASCII maps of one evaluation scene: per LFP layer, per camera, which patches were kept."""
-    part = {k: v[sample:sample + 1].to(device) for k, v in data.items()}
-    was_training = model.training
-    model.eval()
-    with autocast(device):
-        out = model(part["images"], part["text_ids"], part["state"], prune=True)
-    model.train(was_training)
-    words = " ".join(VOCAB[i] for i in part["text_ids"][0, :4].tolist())   # the instruction once (it is tiled)
-    side = IMAGE_SIZE // PATCH
-    named = part["named_patches"][0].cpu().view(3, side, side)
-    lines = [f'keep maps for "{words}":  # kept  . dropped  [ ] the named block\'s patches',
-             "        " + "".join(f"{name:<{3 * side + 2}}" for name in ("top (x-y)", "front (x-z)", "side (y-z)"))]
-    for record in out.lfp:
-        kept = torch.zeros(model.cfg.seq_len, dtype=torch.bool)
-        kept[record.kept_indices[0].cpu()] = True
-        kept = kept[model.cfg.vision_start:model.cfg.text_start].view(3, side, side)
-        for row in range(side):
-            label = f"layer {record.layer}" if row == 0 else ""
-            cells = []
-            for cam in range(3):
-                cells.append("".join(("[{}]" if named[cam, row, col] else " {} ").format(
-                    "#" if kept[cam, row, col] else ".") for col in range(side)))
-            lines.append(f"{label:<8}" + "  ".join(cells))
-        lines.append("")
-    return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def patches_withheld(model: CogVLA, patches, drop_at=(), hide_at=()):
-    """Withhold some vision patches (patches [B, V] bool, e.g. the named block's) from chosen
-    layers, for the passes run inside: at each LFP layer in `drop_at` the router must drop them
-    (their keep probability is set to -1, below any real one, before the top-k); at each
-    standard layer in `hide_at` the tokens after the vision segment (text, state, action
-    queries) may not attend to them. The vision tokens still see each other. A causal test of
-    where the action reads a block, which the keep shares alone cannot tell."""
-    cfg, layers = model.cfg, model.llm.layers
-    lfp = sorted(cfg.lfp_ratios)                                            # the LFP layers' indices
-    for name, ids, ok in (("drop_at", drop_at, True), ("hide_at", hide_at, False)):
-        for i in ids:
-            if (i in lfp) != ok:
-                raise ValueError(f"{name}: layer {i} is {'not ' if ok else ''}an LFP layer; drop_at takes "
-                                 f"LFP layers {lfp}, hide_at the standard ones")
-
-    def drop(router, inputs, keep_prob):                                    # keep_prob [B, N]
-        keep_prob = keep_prob.clone()
-        # keep_prob[:, a:b] is a view: the boolean assignment writes into keep_prob itself.
-        keep_prob[:, cfg.vision_start:cfg.text_start][patches] = -1.0
-        return keep_prob
-
-    def hide(layer, inputs):                                                # layer(x, cos, sin, mask)
-        x, cos, sin, mask = inputs
-        N = x.shape[1]
-        withheld_cols = F.pad(patches, (cfg.vision_start, N - cfg.text_start))  # [B, N] keys to hide
-        reader_rows = torch.arange(N, device=x.device) >= cfg.text_start     # [N] text, state, query rows
-        blocked = reader_rows[None, :, None] & withheld_cols[:, None, :]     # [B, N, N] row may not see column
-        return x, cos, sin, mask & ~blocked[:, None]                         # [B, 1, N, N]
-
-    hooks = [layers[i].router.register_forward_hook(drop) for i in drop_at]
-    hooks += [layers[i].register_forward_pre_hook(hide) for i in hide_at]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def where_the_block_is_read(model: CogVLA, data: dict, device, log=print) -> dict:
-    """Evaluate the LFP model again with the named block withheld from some layers (see
-    patches_withheld): if success holds when the router may not keep the block at a layer, the
-    action does not need it there, whatever the keep shares say. The control withholds the two
-    other blocks the same way: a model put into conditions it never saw may fail for that
-    reason alone, and the control shows how much."""
-    lfp = sorted(model.cfg.lfp_ratios)
-    standard = [i for i in range(model.cfg.n_layers) if i not in lfp]
-
-    def listed(ids):
-        return ", ".join(map(str, ids))
-    named, other = "named block", "other blocks (control)"
-    cases = {"as trained": None,
-             f"{named} dropped at LFP layers {listed(lfp[-2:])}": ("named_patches", dict(drop_at=lfp[-2:])),
-             f"{named} dropped at LFP layers {listed(lfp)}": ("named_patches", dict(drop_at=lfp)),
-             f"{other} dropped at LFP layers {listed(lfp)}": ("other_patches", dict(drop_at=lfp))}
-    cases.update({f"{named} hidden at standard layer {i}": ("named_patches", dict(hide_at=[i])) for i in standard})
-    cases[f"{named} hidden at standard layers {listed(standard)}"] = ("named_patches", dict(hide_at=standard))
-    cases[f"{other} hidden at standard layers {listed(standard)}"] = ("other_patches", dict(hide_at=standard))
-    log(f"which layers the action needs the named block in ({len(data['state'])} held-out scenes; dropped: the "
-        f"router may not keep those patches; hidden: text, state and queries may not attend to them):")
-    results, width = {}, max(map(len, cases))
-    for name, withhold in cases.items():
-        m = evaluate(model, data, prune=True, device=device, withhold=withhold)
-        results[name] = {k: m[k] for k in ("nearest", "success", "success_015")}
-        log(f"  {name:<{width}} nearest {m['nearest']:6.1%}  success {m['success']:6.1%}  within 0.15 {m['success_015']:6.1%}")
-    return results
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; plain float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-
-
-# %% ====================================================================================
-# Checkpoints: atomic, with everything a bit-exact resume needs
-# ======================================================================================
-
-def save_checkpoint(path: str, model, optimizer, step: int, args, cfg: CogVLAConfig, world: int):
-    tmp = path + ".tmp"
-    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                    torch_rng=torch.get_rng_state(), args=vars(args), world=world, config=asdict(cfg)), tmp)
-    os.replace(tmp, path)   # atomic: a crash mid-save leaves the previous checkpoint intact
-
-
-def finite_weights(model) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())   # one read-back
-
-
-def last_checkpoint(path) -> str:
-    """The end of a stop message: where the last good checkpoint is, if there is one."""
-    return f"; the last good checkpoint is {path}" if path and os.path.exists(path) else "; no checkpoint was saved"
-
-
-def load_checkpoint(path: str, model, optimizer, args, world: int) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "world" not in ckpt:
-        raise SystemExit(f"--resume: {path} was made by an older train_toy.py (no process count, no grounding "
-                         f"probe); start a new run")
-    for key in ("seed", "steps", "batch_size", "lr", "dense", "tokens", "no_film", "ground_weight"):
-        if ckpt["args"][key] != getattr(args, key):
-            raise SystemExit(f"--resume: the checkpoint was made with --{key.replace('_', '-')}="
-                             f"{ckpt['args'][key]!r}, this run has {getattr(args, key)!r}; resume with the same flags")
-    if ckpt["world"] != world:   # rank r of w reads batches r, r + w, ...: another w is another data stream
-        raise SystemExit(f"--resume: the checkpoint was made by {ckpt['world']} process(es), this run has "
-                         f"{world}; resume with the same number (the data stream depends on it)")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    return ckpt["step"]
-
-
-# %% ====================================================================================
-# Training
-# ======================================================================================
-
-def say(*parts):
-    print(*parts, flush=True)   # progress shows up at once even when the output goes to a file
-
-
-def learning_rate(step: int, args) -> float:
-    warmup = max(1, args.steps // 20)
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    # Flat at the peak for 60% of the run, then a cosine to 10%: the model first learns which
-    # block the words name and only then where it is, and the second phase needs the full rate
-    # (README: what was tried).
-    progress = max(0.0, (step - warmup) / max(1, args.steps - warmup) - 0.6) / 0.4
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class ToyPolicy(nn.Module):
@@ -367,7 +159,8 @@ class ToyPolicy(nn.Module):
 
     def forward(self, batch: dict, prune: bool, ground: bool):
         """-> (action L1 loss, grounding loss or None)."""
-        out = self.vla(batch["images"], batch["text_ids"], batch["state"], batch["actions"], prune=prune)
+        out = self.vla(batch["images"], batch["text_ids"], batch["state"], batch["actions"],
+                       prune=prune)
         if not ground:
             return out.loss, None
         return out.loss, self.grounding_loss(out.vision_tokens, batch["named_patches"])
@@ -378,6 +171,143 @@ class ToyPolicy(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, named_patches.float())
 
 
+# %% Evaluation ================================================================================
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 64) -> dict:
+    """Held-out metrics. Where the gripper ends: `nearest` (closer to the named block than to
+    the other two; chance 1/3), `success` (within SUCCESS_TOLERANCE of its centre) and
+    `success_015` (within STRICT_TOLERANCE). What LFP kept: per LFP layer, the share of the
+    named block's patches kept, the other blocks' share, and chance (the layer's keep ratio)."""
+    was_training = model.training
+    model.eval()
+    cfg = model.cfg
+    n = data["state"].shape[0]
+    l1, nearest, success, success_015 = 0.0, 0, 0, 0
+    kept = {"named_patches": {}, "other_patches": {}}     # {which: {layer: [kept, total]}}
+    # Aggregation tokens are not places in an image: "the named block's tokens" means nothing.
+    patch_mode = cfg.n_agg_tokens == 0
+    for start in range(0, n, batch_size):
+        part = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
+        with autocast(device):
+            out = model(part["images"], part["text_ids"], part["state"], part["actions"],
+                        prune=prune)
+        pred = out.actions.float()
+        l1 += F.l1_loss(pred, part["actions"], reduction="sum").item() / pred[0].numel()
+        final = part["state"] + pred[..., :3].sum(dim=1) * STEP_SCALE         # [b, 3]
+        to_blocks = (final[:, None] - part["blocks"]).norm(dim=-1)             # [b, 3 blocks]
+        to_goal = to_blocks.gather(1, part["target"][:, None])[:, 0]           # [b]
+        nearest += int((to_blocks.argmin(dim=-1) == part["target"]).sum())
+        success += int((to_goal < SUCCESS_TOLERANCE).sum())
+        success_015 += int((to_goal < STRICT_TOLERANCE).sum())
+        for record in out.lfp if patch_mode else []:
+            is_kept = torch.zeros_like(record.keep_probs, dtype=torch.bool)
+            is_kept = is_kept.scatter(1, record.kept_indices, True)          # [b, N]
+            vision_kept = is_kept[:, cfg.vision_start:cfg.text_start]          # [b, V]
+            for which, counts in kept.items():
+                c = counts.setdefault(record.layer, [0, 0])
+                c[0] += int((vision_kept & part[which]).sum())
+                c[1] += int(part[which].sum())
+    model.train(was_training)
+    share = {which: {l: round(k / max(t, 1), 4) for l, (k, t) in counts.items()}
+             if patch_mode else None for which, counts in kept.items()}
+    chance = {l: round(int(cfg.n_vision * r) / cfg.n_vision, 4) for l, r in cfg.lfp_ratios.items()}
+    return dict(l1=round(l1 / n, 4), nearest=round(nearest / n, 4), success=round(success / n, 4),
+                success_015=round(success_015 / n, 4), kept_share=share["named_patches"],
+                kept_share_other=share["other_patches"], chance=chance if prune else {})
+
+
+@torch.no_grad()
+def keep_maps(model: CogVLA, data: dict, device, sample: int = 0) -> str:
+    """ASCII maps of one evaluation scene: per LFP layer, per camera, which patches were kept."""
+    part = {k: v[sample:sample + 1].to(device) for k, v in data.items()}
+    was_training = model.training
+    model.eval()
+    with autocast(device):
+        out = model(part["images"], part["text_ids"], part["state"], prune=True)
+    model.train(was_training)
+    words = " ".join(VOCAB[i] for i in part["text_ids"][0, :4].tolist())   # the tiled instruction
+    side, cfg = IMAGE_SIZE // PATCH, model.cfg
+    named = part["named_patches"][0].cpu().view(3, side, side)
+    views = ("top (x-y)", "front (x-z)", "side (y-z)")
+    lines = [f'keep maps for "{words}":  # kept  . dropped  [ ] the named block\'s patches',
+             "        " + "".join(f"{name:<{3 * side + 2}}" for name in views)]
+    for record in out.lfp:
+        kept = torch.zeros(cfg.seq_len, dtype=torch.bool)
+        kept[record.kept_indices[0].cpu()] = True
+        kept = kept[cfg.vision_start:cfg.text_start].view(3, side, side)
+        for row in range(side):
+            cells = ["".join(("[{}]" if named[cam, row, col] else " {} ").format(
+                "#" if kept[cam, row, col] else ".") for col in range(side)) for cam in range(3)]
+            label = f"layer {record.layer}" if row == 0 else ""
+            lines.append(f"{label:<8}" + "  ".join(cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# %% Checkpoints: atomic, with everything a bit-exact resume needs =============================
+
+def save_checkpoint(path: str, model, optimizer, step: int, args, cfg: CogVLAConfig, world: int):
+    tmp = path + ".tmp"
+    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                    torch_rng=torch.get_rng_state(), args=vars(args), world=world,
+                    config=asdict(cfg)), tmp)
+    os.replace(tmp, path)   # atomic: a crash mid-save leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: str, model, optimizer, args, world: int) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "world" not in ckpt:
+        raise SystemExit(f"--resume: {path} was made by an older train_toy.py (no process count, "
+                         f"no grounding probe); start a new run")
+    for key in ("seed", "steps", "batch_size", "lr", "dense", "tokens", "no_film", "ground_weight"):
+        if ckpt["args"][key] != getattr(args, key):
+            raise SystemExit(f"--resume: the checkpoint was made with --{key.replace('_', '-')}="
+                             f"{ckpt['args'][key]!r}, this run has {getattr(args, key)!r}; resume "
+                             f"with the same flags")
+    if ckpt["world"] != world:   # rank r of w reads batches r, r + w, ...: another w, another stream
+        raise SystemExit(f"--resume: the checkpoint was made by {ckpt['world']} process(es), this "
+                         f"run has {world}; resume with the same number (the data stream depends "
+                         f"on it)")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["step"]
+
+
+def finite_weights(model) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def last_checkpoint(path) -> str:
+    """The end of a stop message: where the last good checkpoint is, if there is one."""
+    if path and os.path.exists(path):
+        return f"; the last good checkpoint is {path}"
+    return "; no checkpoint was saved"
+
+
+# %% Training ==================================================================================
+
+def say(*parts):
+    print(*parts, flush=True)   # progress shows up at once even when the output goes to a file
+
+
+def learning_rate(step: int, args) -> float:
+    """A short linear warm-up, flat at the peak for 60% of the run, then a cosine to 10%: the
+    model first learns which block the words name and only then where it is, and the second
+    phase needs the full rate."""
+    warmup = max(1, args.steps // 20)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = max(0.0, (step - warmup) / max(1, args.steps - warmup) - 0.6) / 0.4
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 @contextlib.contextmanager
 def sigint_at_step_boundary():
     """The first Ctrl-C sets a flag instead of raising wherever Python happens to be (inside
@@ -385,7 +315,7 @@ def sigint_at_step_boundary():
     the flag once per step, saves, and stops there. A second Ctrl-C interrupts at once, for a
     step that never ends. Yields the flag, a threading.Event."""
     asked = threading.Event()
-    if threading.current_thread() is not threading.main_thread():   # signals reach the main thread only
+    if threading.current_thread() is not threading.main_thread():   # signals reach it alone
         yield asked
         return
 
@@ -400,49 +330,111 @@ def sigint_at_step_boundary():
         signal.signal(signal.SIGINT, previous)
 
 
-def agree(failed: bool, interrupted: bool, world: int, device) -> tuple[bool, bool]:
-    """Every rank learns whether any rank failed or was interrupted, so that all stop at the same
-    step: a rank that stopped alone would leave the others waiting in the gradient all-reduce."""
-    if world == 1:
-        return failed, interrupted
-    flags = torch.tensor([float(failed), float(interrupted)], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+def losses(net, batch: dict, dense: bool, args, device, world: int):
+    """One forward pass -> (loss, action loss, grounding loss or None, error or None, fatal).
+    An inf/NaN (a non-finite loss, or an LFP layer's FloatingPointError) is an error to stop
+    at; any other exception, under DDP, is returned (fatal) so that every rank stops together,
+    and alone is raised."""
+    ground = args.ground_weight > 0
+    try:
+        with autocast(device):
+            action_loss, ground_loss = net(batch, prune=not dense, ground=ground)
+        loss = action_loss + args.ground_weight * ground_loss if ground else action_loss
+        error = None if torch.isfinite(loss) else f"non-finite loss {loss.item()}"
+        return loss, action_loss, ground_loss, error, False
+    except FloatingPointError as err:
+        return None, None, None, str(err), False
+    except Exception as err:
+        if world == 1:
+            raise
+        return None, None, None, f"{type(err).__name__}: {err}", True
+
+
+def stop_if_failed_or_interrupted(run: dict, step: int, error, fatal: bool, interrupted: bool):
+    """Every rank learns whether any rank failed or was interrupted, so that all stop at the
+    same step (a rank that stopped alone would leave the others waiting in the gradient
+    all-reduce). A failure raises, naming the step and every failed rank; an interruption
+    saves the weights of `step` steps (never non-finite ones) and raises KeyboardInterrupt."""
+    mode, world, path = run["mode"], run["world"], run["ckpt_path"]
+    failed = error is not None
+    if world > 1:
+        flags = torch.tensor([float(failed), float(interrupted)], device=run["device"])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed, interrupted = bool(flags[0]), bool(flags[1])
+    if failed:
+        errors = [error]
+        if world > 1:
+            errors = [None] * world
+            dist.all_gather_object(errors, error)
+            errors = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+            # gloo's worker thread frees the gather's tensors just after the call returns and
+            # needs the GIL to do so; destroying the process group first (the raise below frees
+            # the DDP model, GIL held) would wait for that thread forever. Sleeping releases
+            # the GIL and lets the thread finish.
+            time.sleep(0.1)
+        stop = RuntimeError if fatal else FloatingPointError
+        raise stop(f"[{mode}] stopping at step {step}: {'; '.join(errors)}{last_checkpoint(path)}")
+    if not interrupted:
+        return
+    if run["rank"] == 0 and path:
+        if not finite_weights(run["policy"]):
+            raise FloatingPointError(f"[{mode}] interrupted at step {step} with non-finite "
+                                     f"weights: nothing saved{last_checkpoint(path)}")
+        save_checkpoint(path, run["policy"], run["optimizer"], step, run["args"], run["cfg"], world)
+        again = "the same flags + --resume" + (" (with --dense for dense.pt)" * (mode == "dense"))
+        run["log"](f"[{mode}] interrupted at step {step}; saved {path}; continue with {again}"
+                   + (" (--compare cannot resume: resume each mode alone)" * run["args"].compare))
+    elif run["rank"] == 0:
+        run["log"](f"[{mode}] interrupted at step {step}; nothing saved (no --out)")
+    raise KeyboardInterrupt
+
+
+def save_if_finite(run: dict, step: int):
+    """A finite loss can still give non-finite gradients and then weights: never save those over
+    the last good checkpoint. Every rank checks its (identical) copy, so all stop together."""
+    if not finite_weights(run["policy"]):
+        raise FloatingPointError(f"[{run['mode']}] stopping at step {step}: non-finite weights "
+                                 f"after the optimizer step{last_checkpoint(run['ckpt_path'])}")
+    if run["rank"] == 0:
+        save_checkpoint(run["ckpt_path"], run["policy"], run["optimizer"], step, run["args"],
+                        run["cfg"], run["world"])
 
 
 def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say) -> dict:
     """Train one model; returns the final metrics (on rank 0)."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = torch.device(args.device if world == 1 or args.device == "cpu" else f"cuda:{local_rank}")
-    torch.manual_seed(args.seed)                               # identical initial weights on every rank
+    device = torch.device(args.device if world == 1 or args.device == "cpu"
+                          else f"cuda:{local_rank}")
+    torch.manual_seed(args.seed)                           # identical initial weights on every rank
     cfg = toy_config(args.tokens, film)
     policy = ToyPolicy(cfg).to(device)
     model = policy.vla
-    # beta2 0.95, as Llama was trained, not PyTorch's 0.999: a run here is 400 steps and the
-    # gradients' scale changes within 100 of them (the probe's loss falls 10x), which a second
-    # moment averaged over ~1000 steps follows too slowly. Measured: README, what was tried.
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    # beta2 0.95, as Llama was trained, not PyTorch's 0.999: the gradients' scale changes within
+    # a hundred steps (the probe's loss falls ten-fold), which a second moment averaged over
+    # ~1000 steps follows too slowly.
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=0.01)
     mode = "dense" if dense else "lfp"
     ckpt_path = os.path.join(args.out, f"{mode}.pt") if args.out else None
+    run = dict(mode=mode, rank=rank, world=world, device=device, ckpt_path=ckpt_path, args=args,
+               cfg=cfg, policy=policy, optimizer=optimizer, log=log)
     step = 0
     if args.resume:
         if not os.path.exists(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (give the --out DIR of the first run)")
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (give the --out DIR of the "
+                             f"first run)")
         step = load_checkpoint(ckpt_path, policy, optimizer, args, world)
         log(f"[{mode}] resumed from {ckpt_path} at step {step}")
-    ground = args.ground_weight > 0
-    # In dense mode the routers take no part in the forward pass, nor the probe without its loss: DDP must be told.
     net = policy
-    if world > 1:
-        net = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=dense or not ground)
-
-    eval_data = make_batch(args.eval_size, seed=10_000_019 + args.seed)      # held out: its own seed
-    curve_data = {k: v[:args.curve_size] for k, v in eval_data.items()}     # the learning curve's fixed subset
+    if world > 1:   # dense runs no router, a run without the probe's loss no probe: DDP must know
+        net = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda"
+                                      else None, find_unused_parameters=dense or not args.ground_weight)
+    eval_data = make_batch(args.eval_size, seed=10_000_019 + args.seed)      # held out: own seed
+    curve_data = {k: v[:args.curve_size] for k, v in eval_data.items()}     # the curve's subset
     start_time, start_step = time.time(), step
-    log(f"[{mode}] {sum(p.numel() for p in model.parameters()):,} parameters, {args.tokens} tokens, "
-        f"router FiLM {'on' if film else 'off'}, grounding probe weight {args.ground_weight:g}, "
-        f"{world} process(es) x batch {args.batch_size}, {args.steps} steps")
+    log(f"[{mode}] {sum(p.numel() for p in model.parameters()):,} parameters, {args.tokens} "
+        f"tokens, router FiLM {'on' if film else 'off'}, grounding probe weight "
+        f"{args.ground_weight:g}, {world} process(es) x batch {args.batch_size}, {args.steps} steps")
     with sigint_at_step_boundary() as interrupt:
         while step < args.steps:
             # Each (step, rank) has its own batch: rank r of w sees its own shard of the stream.
@@ -450,47 +442,9 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
             batch = {k: v.to(device) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
-            error, other_error = None, False
-            try:
-                with autocast(device):
-                    action_loss, ground_loss = net(batch, prune=not dense, ground=ground)
-                loss = action_loss + args.ground_weight * ground_loss if ground else action_loss
-                if not torch.isfinite(loss):
-                    error = f"non-finite loss {loss.item()}"
-            except FloatingPointError as err:   # raised by an LFP layer that produced inf/NaN
-                error = str(err)
-            except Exception as err:            # any other error: alone, raise it; under DDP, agree first
-                if world == 1:
-                    raise
-                error, other_error = f"{type(err).__name__}: {err}", True
-            failed, interrupted = agree(error is not None, interrupt.is_set(), world, device)
-            if failed:
-                errors = [error]
-                if world > 1:
-                    errors = [None] * world
-                    dist.all_gather_object(errors, error)
-                    errors = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
-                    # gloo's worker thread frees the gather's tensors just after the call returns and
-                    # needs the GIL for it. Destroyed before that (the raise below frees the DDP model,
-                    # with the GIL held), the process group waits for that thread forever: gdb showed
-                    # this deadlock in the suite's forked ranks (1 suite run in 3; never seen in fresh
-                    # processes, but nothing there prevents it). Sleeping releases the GIL and lets
-                    # the thread finish.
-                    time.sleep(0.1)
-                stop = RuntimeError if other_error else FloatingPointError
-                raise stop(f"[{mode}] stopping at step {step}: {'; '.join(errors)}{last_checkpoint(ckpt_path)}")
-            if interrupted:   # the weights are those after `step` steps: save them as such
-                if rank == 0 and ckpt_path:
-                    if not finite_weights(policy):
-                        raise FloatingPointError(f"[{mode}] interrupted at step {step} with non-finite weights: "
-                                                 f"nothing saved{last_checkpoint(ckpt_path)}")
-                    save_checkpoint(ckpt_path, policy, optimizer, step, args, cfg, world)
-                    again = "the same flags + --resume" + (f" (with --dense for {mode}.pt)" if dense else "")
-                    log(f"[{mode}] interrupted at step {step}; saved {ckpt_path}; continue with {again}"
-                        + (" (--compare cannot resume: resume each mode alone)" if args.compare else ""))
-                elif rank == 0:
-                    log(f"[{mode}] interrupted at step {step}; nothing saved (no --out)")
-                raise KeyboardInterrupt
+            loss, action_loss, ground_loss, error, fatal = losses(net, batch, dense, args, device,
+                                                                  world)
+            stop_if_failed_or_interrupted(run, step, error, fatal, interrupt.is_set())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -498,20 +452,17 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
             step += 1
             if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                 rate = (step - start_step) / (time.time() - start_time)
-                line = f"loss {action_loss.item():.4f}" + (f"  grounding {ground_loss.item():.4f}" if ground else "")
-                if step % args.eval_every == 0 or step == args.steps:   # --eval-every is a multiple of --log-every
+                line = f"loss {action_loss.item():.4f}"
+                if ground_loss is not None:
+                    line += f"  grounding {ground_loss.item():.4f}"
+                if step % args.eval_every == 0 or step == args.steps:  # a multiple of log_every
                     m = evaluate(model, curve_data, prune=not dense, device=device)
-                    line += f"  | held-out {len(curve_data['state'])}: nearest {m['nearest']:.0%}  success {m['success']:.0%}"
+                    line += (f"  | held-out {len(curve_data['state'])}: nearest {m['nearest']:.0%}"
+                             f"  success {m['success']:.0%}")
                 log(f"[{mode}] step {step:>5}/{args.steps}  {line}  {rate:.2f} steps/s  "
                     f"ETA {(args.steps - step) / rate:.0f} s")
             if ckpt_path and (step % args.save_every == 0 or step == args.steps):
-                # A finite loss can still give non-finite gradients and then weights: never save those
-                # over the last good checkpoint. Every rank checks its (identical) copy: all stop together.
-                if not finite_weights(policy):
-                    raise FloatingPointError(f"[{mode}] stopping at step {step}: non-finite weights after "
-                                             f"the optimizer step{last_checkpoint(ckpt_path)}")
-                if rank == 0:
-                    save_checkpoint(ckpt_path, policy, optimizer, step, args, cfg, world)
+                save_if_finite(run, step)
     seconds = time.time() - start_time
     if rank != 0:
         return {}
@@ -519,10 +470,12 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
     if args.tokens == "patch" and not dense and args.maps:
         log(keep_maps(model, eval_data, device))
     if args.where_read and not dense:
-        metrics["where_read"] = where_the_block_is_read(model, eval_data, device, log)
-    return dict(mode=mode, tokens=args.tokens, film=film, ground_weight=args.ground_weight, steps=step,
-                seconds=round(seconds, 1), **metrics)
+        metrics["where_read"] = where_the_block_is_read(model, eval_data, metrics, device, log)
+    return dict(mode=mode, tokens=args.tokens, film=film, ground_weight=args.ground_weight,
+                steps=step, seconds=round(seconds, 1), **metrics)
 
+
+# %% Main ======================================================================================
 
 def print_table(runs: list[dict], log=say):
     log(f"\n{'':<24}" + "".join(f"{r['mode'] + ('' if r['film'] else ' no-film'):>14}" for r in runs))
@@ -531,41 +484,47 @@ def print_table(runs: list[dict], log=say):
     log(f"{'success (within 0.25)':<24}" + "".join(f"{r['success']:>14.1%}" for r in runs))
     log(f"{'within 0.15':<24}" + "".join(f"{r['success_015']:>14.1%}" for r in runs))
     log(f"{'train seconds':<24}" + "".join(f"{r['seconds']:>14.1f}" for r in runs))
-    layers = sorted({l for r in runs for l in (r["chance"] or {})})
-    for layer in layers:   # the named block's patches kept, the other blocks', and chance
-        cells = []
+    for layer in sorted({l for r in runs for l in (r["chance"] or {})}):
+        cells = []   # the named block's patches kept, the other blocks', and chance
         for r in runs:
-            named, other = (r["kept_share"] or {}).get(layer), (r["kept_share_other"] or {}).get(layer)
-            cells.append(f"{named:.0%}/{other:.0%}/{r['chance'][layer]:.0%}" if named is not None else "-")
+            named = (r["kept_share"] or {}).get(layer)
+            other = (r["kept_share_other"] or {}).get(layer)
+            cells.append(f"{named:.0%}/{other:.0%}/{r['chance'][layer]:.0%}"
+                         if named is not None else "-")
         log(f"{'layer ' + str(layer) + ' named/other/chance':<24}" + "".join(f"{c:>14}" for c in cells))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (the default takes under 4 min per mode on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="scenes per step, per process")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warm-up, flat to 60%% of the steps, then cosine to 10%%)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="peak learning rate (warm-up, flat to 60%% of the steps, then cosine to 10%%)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the data stream")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda trains under bf16 autocast)")
     p.add_argument("--tokens", choices=["patch", "agg"], default="patch",
-                   help="vision tokens: image patches (keep maps mean something) or CogVLA's aggregation tokens")
+                   help="vision tokens: image patches (keep maps mean something) or CogVLA's "
+                        "aggregation tokens")
     p.add_argument("--dense", action="store_true", help="train with pruning off")
-    p.add_argument("--compare", action="store_true", help="train dense and LFP from the same seed, side by side")
+    p.add_argument("--compare", action="store_true",
+                   help="train dense and LFP from the same seed, side by side")
     p.add_argument("--no-film", action="store_true", help="turn the LFP router's FiLM off (the ablation)")
     p.add_argument("--ground-weight", type=float, default=None,
                    help="weight of the grounding probe's loss (default 1 with patch tokens, 0 = off; "
                         "agg tokens have no patches to label, so it must stay 0 there)")
     p.add_argument("--eval-size", type=int, default=512, help="held-out scenes (fixed seed)")
-    p.add_argument("--curve-size", type=int, default=128, help="held-out scenes of the learning-curve lines")
+    p.add_argument("--curve-size", type=int, default=128,
+                   help="held-out scenes of the learning-curve lines")
     p.add_argument("--eval-every", type=int, default=50, help="steps between learning-curve lines")
     p.add_argument("--out", default=None, help="directory for checkpoints (saved atomically)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=25, help="steps between progress lines")
-    p.add_argument("--no-maps", dest="maps", action="store_false", help="do not print the ASCII keep maps")
+    p.add_argument("--no-maps", dest="maps", action="store_false",
+                   help="do not print the ASCII keep maps")
     p.add_argument("--where-read", action="store_true",
-                   help="after an LFP run, evaluate again with the named block withheld from chosen layers: "
-                        "which layers does the action need it in? (8 more evaluations, ~35 s on 2 CPU cores)")
+                   help="after an LFP run, evaluate again with the named block withheld from chosen "
+                        "layers: which layers does the action need it in? (8 more evaluations)")
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out DIR, the directory of the run to continue")
@@ -574,18 +533,20 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available")
     if args.where_read and (args.tokens == "agg" or args.dense):
-        p.error("--where-read withholds the named block's patches from an LFP model: it needs --tokens patch "
-                "and no --dense")
+        p.error("--where-read withholds the named block's patches from an LFP model: it needs "
+                "--tokens patch and no --dense")
     if args.ground_weight is None:
         args.ground_weight = 1.0 if args.tokens == "patch" else 0.0
     if args.ground_weight < 0 or (args.ground_weight > 0 and args.tokens == "agg"):
         p.error(f"--ground-weight must be >= 0, and 0 with --tokens agg (no patches to label), "
                 f"got {args.ground_weight:g} with --tokens {args.tokens}")
-    for name in ("steps", "batch_size", "eval_size", "curve_size", "eval_every", "save_every", "log_every"):
+    for name in ("steps", "batch_size", "eval_size", "curve_size", "eval_every", "save_every",
+                 "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_every % args.log_every:   # a learning-curve line is a progress line with the held-out metrics
-        p.error(f"--eval-every must be a multiple of --log-every ({args.log_every}), got {args.eval_every}")
+    if args.eval_every % args.log_every:   # a learning-curve line is a progress line with more
+        p.error(f"--eval-every must be a multiple of --log-every ({args.log_every}), "
+                f"got {args.eval_every}")
     return args
 
 
@@ -602,11 +563,12 @@ def main(argv=None, log=say) -> dict:
         os.makedirs(args.out, exist_ok=True)
     try:
         modes = [True, False] if args.compare else [args.dense]
-        runs = [train(args, dense=d, film=not args.no_film, rank=rank, world=world, log=log) for d in modes]
+        runs = [train(args, dense=d, film=not args.no_film, rank=rank, world=world, log=log)
+                for d in modes]
         if world > 1:
             dist.barrier()   # rank 0 evaluates alone; the others wait for it here
     finally:
-        # No barrier on the error path: there the ranks have already agreed to stop (see agree).
+        # No barrier on the error path: there the ranks have already agreed to stop.
         if world > 1:
             dist.destroy_process_group()
     if rank != 0:
@@ -615,6 +577,84 @@ def main(argv=None, log=say) -> dict:
     result = runs[0] if len(runs) == 1 else dict(mode="compare", runs=runs)
     log(json.dumps(result))
     return result
+
+
+# %% --where-read: which layers does the action need the named block in? =======================
+# A kept share says what the router kept, not what the action used. These evaluate the trained
+# LFP model again with some patches withheld from chosen layers.
+
+@contextlib.contextmanager
+def patches_withheld(model: CogVLA, patches, drop_at=(), hide_at=()):
+    """Withhold some vision patches (patches [B, V] bool, e.g. the named block's) from chosen
+    layers, for the passes run inside: at each LFP layer in `drop_at` the router must drop them
+    (their keep probability is set to -1, below any real one, before the top-k); at each
+    standard layer in `hide_at` the tokens after the vision segment (text, state, action
+    queries) may not attend to them. The vision tokens still see each other."""
+    cfg, layers = model.cfg, model.llm.layers
+    lfp = sorted(cfg.lfp_ratios)                                            # the LFP layers
+    for name, ids, ok in (("drop_at", drop_at, True), ("hide_at", hide_at, False)):
+        for i in ids:
+            if (i in lfp) != ok:
+                raise ValueError(f"{name}: layer {i} is {'not ' if ok else ''}an LFP layer; drop_at "
+                                 f"takes LFP layers {lfp}, hide_at the standard ones")
+
+    def drop(router, inputs, keep_prob):                                    # keep_prob [B, N]
+        keep_prob = keep_prob.clone()
+        # keep_prob[:, a:b] is a view: the boolean assignment writes into keep_prob itself.
+        keep_prob[:, cfg.vision_start:cfg.text_start][patches] = -1.0
+        return keep_prob
+
+    def hide(layer, inputs):                                                # layer(x, cos, sin, mask)
+        x, cos, sin, mask = inputs
+        N = x.shape[1]
+        withheld_cols = F.pad(patches, (cfg.vision_start, N - cfg.text_start))  # [B, N] keys
+        reader_rows = torch.arange(N, device=x.device) >= cfg.text_start     # [N] text, state, queries
+        blocked = reader_rows[None, :, None] & withheld_cols[:, None, :]     # [B, N, N]
+        return x, cos, sin, mask & ~blocked[:, None]                         # [B, 1, N, N]
+
+    hooks = [layers[i].router.register_forward_hook(drop) for i in drop_at]
+    hooks += [layers[i].register_forward_pre_hook(hide) for i in hide_at]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def where_the_block_is_read(model: CogVLA, data: dict, as_trained: dict, device, log=print) -> dict:
+    """If success holds when the router may not keep the named block at a layer, the action does
+    not need it there, whatever the keep shares say. The control withholds the two other blocks
+    the same way: a model put into conditions it never saw may fail for that reason alone, and
+    the control shows how much. `as_trained`: the metrics of the same data with nothing withheld."""
+    lfp = sorted(model.cfg.lfp_ratios)
+    standard = [i for i in range(model.cfg.n_layers) if i not in lfp]
+
+    def listed(ids):
+        return ", ".join(map(str, ids))
+    named, other = "named block", "other blocks (control)"
+    cases = {f"{named} dropped at LFP layers {listed(lfp[-2:])}": ("named_patches", dict(drop_at=lfp[-2:])),
+             f"{named} dropped at LFP layers {listed(lfp)}": ("named_patches", dict(drop_at=lfp)),
+             f"{other} dropped at LFP layers {listed(lfp)}": ("other_patches", dict(drop_at=lfp))}
+    cases.update({f"{named} hidden at standard layer {i}": ("named_patches", dict(hide_at=[i]))
+                  for i in standard})
+    cases[f"{named} hidden at standard layers {listed(standard)}"] = ("named_patches",
+                                                                     dict(hide_at=standard))
+    cases[f"{other} hidden at standard layers {listed(standard)}"] = ("other_patches",
+                                                                     dict(hide_at=standard))
+    log(f"which layers the action needs the named block in ({len(data['state'])} held-out scenes; "
+        f"dropped: the router may not keep those patches; hidden: text, state and queries may "
+        f"not attend to them):")
+    keys = ("nearest", "success", "success_015")
+    results, width = {"as trained": {k: as_trained[k] for k in keys}}, max(map(len, cases))
+    for name, (which, where) in cases.items():
+        # One batch of all the scenes, so that the withheld patches line up with it.
+        with patches_withheld(model, data[which].to(device), **where):
+            m = evaluate(model, data, prune=True, device=device, batch_size=len(data["state"]))
+        results[name] = {k: m[k] for k in keys}
+    for name, m in results.items():
+        log(f"  {name:<{width}} nearest {m['nearest']:6.1%}  success {m['success']:6.1%}  "
+            f"within 0.15 {m['success_015']:6.1%}")
+    return results
 
 
 if __name__ == "__main__":
