@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -1488,6 +1489,21 @@ def test_walkthrough_prints_the_tokens_each_layer_processed(capsys):
     for layer, count in zip(SOURCE_LAYERS, SOURCE_COUNTS):
         assert f"{layer:>5} {count:>13}" in out
     assert "93.1% of dense" in out and "65.1% of dense" in out
+
+
+def test_readme_breakpoint_stops_at_the_first_line_of_forward_lfp():
+    """README's debugger command names a line of cogvla_mini.py; it must be forward_lfp's first
+    statement, or a reader stops somewhere else."""
+    course.skip_if_stubs_left()   # a stubbed handout has other line numbers
+    readme = (Path(cm.__file__).parent / "README.md").read_text()
+    lines = Path(cm.__file__).read_text().split("\n")
+    [line] = re.findall(r'python -m pdb -c "b cogvla_mini.py:(\d+)" -c c cogvla_mini.py', readme)
+    first = next(i for i, l in enumerate(lines) if "def forward_lfp(" in l) + 1
+    while lines[first].strip().startswith("#"):
+        first += 1
+    assert int(line) == first + 1, (f"README's breakpoint is at line {line} ({lines[int(line) - 1].strip()!r}), "
+                                    f"forward_lfp's first statement at line {first + 1} ({lines[first].strip()!r})")
+    assert f"({line} is the line `{lines[first].strip()}`" in readme, "README names the line it stops at"
 
 
 def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
