@@ -1,20 +1,29 @@
-"""Course assignments cut from cogvla_mini.py: the exercise registry, handouts and grading.
+"""Course exercises cut from cogvla_mini.py: handouts without solutions, and grading.
 
-python course.py exercises                                   list them
-python course.py handout --exercises rope,select --out DIR   a student copy, chosen regions stubbed
-python course.py grade [DIR]                                 one row per exercise, then one JSON line
-python course.py grade --isolate REFERENCE DIR               each exercise with only its own regions
-                                                             from DIR, every other one from REFERENCE
+    python course.py exercises                                   the exercises, their points
+    python course.py handout --exercises rope,select --out hw1   a student's copy
+    python course.py grade hw1                                   grade one copy (what it assigns)
+    python course.py grade --isolate REFERENCE hw1               each exercise on its own
+    python course.py grade --class submissions --csv grades.csv  every copy under a folder
+
+In cogvla_mini.py a line `# --- exercise <id> ---` marks a region: from there to the end of its
+block. A handout replaces the chosen regions with stubs and carries, instead of tests with the
+solutions in them, `test_exercises.py` and `exercises.pt`: the inputs of every check, the
+reference's outputs and the outputs of the classic mistakes, made at handout time.
 """
+
+from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import faulthandler
 import functools
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -31,116 +40,372 @@ from pathlib import Path
 import pytest
 import torch
 
+HERE = Path(__file__).resolve().parent
 
-# =============================================================================== exercises: registry and tags
-#
-# Course assignments (README "Course assignments"). The bodies of the functions that carry the ideas sit
-# between `# --- exercise <id>: begin ---` and `# --- exercise <id>: end ---` lines in cogvla_mini.py;
-# `python course.py handout` replaces chosen regions with stubs, `grade` runs the tests tagged
-# @exercise(<id>) below. Each test runs inside stubs_block (wrapped at the end of this file).
+
+# %% The exercises =============================================================================
 
 @dataclasses.dataclass(frozen=True)
 class Exercise:
     statement: str      # the task, one line
-    hint: str           # what to read, which shapes go in and come out
-    teaches: str        # for the README's table
+    hint: str           # what goes in and out, and why; not the solution's lines
+    teaches: str        # one line for the list
     depends: tuple      # exercises whose code runs inside this one's tests
-    minutes: int        # a guess for a student who has read the file up to here
+    points: int         # its weight in a grade (our guess of the minutes it takes)
 
 
 EXERCISES = {
     "rmsnorm": Exercise(
-        "RMSNorm.forward: x / sqrt(mean(x^2) + eps) over the last dim, then times self.weight.",
-        "x [..., D] -> same shape and dtype. Normalise in float32 (x.float(), torch.rsqrt), cast back "
-        "to x.dtype, and only then multiply by the weight, as transformers' LlamaRMSNorm does.",
+        "RMSNorm.forward: x over the root mean square of its last dim (plus eps), times the weight.",
+        "x [..., D] -> the same shape and dtype. Why float32: in bf16 a mean of squares loses most of "
+        "its digits. transformers' Llama casts back to x's dtype before it scales by the weight; bf16 "
+        "outputs match it only in that order.",
         "Llama's norm, and where the dtype casts go", (), 10),
     "rope": Exercise(
-        "RotaryEmbedding.forward (cos and sin of position x theta^(-2i/Dh)), rotate_half and apply_rope.",
-        "position_ids [B or 1, N] -> cos, sin [B or 1, N, Dh] in `dtype`, angles computed in float32 and laid "
-        "out as cat([freqs, freqs]) (the rotate-half layout); rotate_half pairs dim i with dim i + Dh/2; "
-        "apply_rope(x [B, H, N, Dh], cos, sin) broadcasts over heads.",
+        "RotaryEmbedding.forward, rotate_half and apply_rope: rotary position embedding.",
+        "position_ids [B or 1, N] -> cos, sin [B or 1, N, Dh] in `dtype`. Frequency i is theta^(-2i/Dh); "
+        "the angles must not be rounded to bf16 before cos and sin. Llama's layout pairs dimension i "
+        "with i + Dh/2 (not neighbours), and each pair turns like a complex number. apply_rope: x [B, H, "
+        "N, Dh], the same cos and sin for every head.",
         "rotary position embedding, the rotate-half layout", (), 25),
     "causal_mask": Exercise(
         "attention_mask: may the token at sequence position token_idx[i] see the one at token_idx[j]?",
-        "token_idx [B or 1, K] -> bool [B or 1, 1, K, K] (row = query, column = key). Causal: key <= query. "
-        "mask_kind 'catten' adds: the action segment (positions >= cfg.action_start) sees itself both ways. "
-        "Compare positions, not row numbers: broadcast [B, K, 1] against [B, 1, K].",
+        "token_idx [B or 1, K] -> bool [B or 1, 1, K, K], row = query, column = key. The rule is about "
+        "sequence positions, not row numbers: an LFP layer passes the positions it kept. 'catten': the "
+        "action segment (from cfg.action_start) sees itself both ways, and nothing earlier sees it.",
         "causal and V-L-A coupled masks on pruned positions", (), 15),
     "attention": Exercise(
-        "Attention.forward: q, k, v projections, RoPE on q and k, GQA, masked softmax(q k^T / sqrt(Dh)) v, o_proj.",
-        "x [B, N, D] -> [B, N, D]. GQA: key/value head j serves the n_heads // n_kv_heads consecutive query "
-        "heads j*g .. j*g+g-1 (einops repeat 'b h n d -> b (h g) n d'). A bool mask means 'may attend' "
-        "(fill the rest with -inf), a float mask is added. Keep the 'sdpa' and 'sdpa_causal' branches "
-        "(F.scaled_dot_product_attention).",
+        "Attention.forward: projections, RoPE on q and k, grouped K/V heads, masked softmax, o_proj.",
+        "x [B, N, D] -> [B, N, D], heads of Dh = D / H. With GQA each key/value head serves H / Hkv "
+        "consecutive query heads. A bool mask means 'may attend', a float mask is added. Keep the "
+        "'sdpa' and 'sdpa_causal' branches working too.",
         "multi-head attention with grouped key/value heads", ("rope",), 30),
     "swiglu": Exercise(
-        "MLP.forward: the SwiGLU feed-forward, down_proj(silu(gate_proj(x)) * up_proj(x)).",
-        "x [B, N, D] -> [B, N, D]; F.silu on the gate branch only.",
+        "MLP.forward: Llama's gated feed-forward (SwiGLU).",
+        "x [B, N, D] -> [B, N, D] through F hidden units: a SiLU-gated branch times a linear branch, "
+        "then back down to D.",
         "Llama's gated MLP", (), 10),
     "schedule": Exercise(
-        "shifted_cos_with_ratio, and the reference's rule in lfp_schedule: which layers prune, and how much.",
-        "shifted_cos_with_ratio(average, layer, n_layers) = cos(layer pi / (n_layers - 1)) / 2 + average. In "
-        "lfp_schedule, build `table` {layer: ratio}: a layer prunes where curve(cfg.lfp_average, l, L) <= top "
-        "(max), and its ratio is floored at `floor` (min). Check with CogVLAConfig(schedule="
+        "shifted_cos_with_ratio and shifted_schedule: which layers prune, and how much.",
+        "The reference's curve is a half cosine over the layers, from average + 1/2 at layer 0 to "
+        "average - 1/2 at the last layer. A layer prunes where the curve is at or below `top`, and "
+        "keeps at least `floor` of the vision tokens. Try CogVLAConfig(schedule="
         "'shiftedcos_decay_0.85_0.15').lfp_ratios.",
         "the cosine keep schedule and its floor", (), 15),
     "router": Exercise(
-        "Router.forward: each token's keep probability, the vision tokens FiLMed by the mean text token first.",
-        "h [B, N, D] (already input-normed) -> [B, N]: softmax over self.score's [drop, keep] logits, keep "
-        "column. With cfg.router_film: text = mean of h[:, text_start:action_start]; the vision slice "
-        "h[:, vision_start:text_start] becomes h * (1 + gamma) + beta (film_scale, film_shift); BOS, text "
-        "and action tokens are scored unmodulated.",
+        "Router.forward: each token's keep probability, the vision tokens FiLMed by the text first.",
+        "h [B, N, D] (already normed) -> [B, N], the 'keep' column of a 2-way softmax. The FiLM reads "
+        "the average text token; it modulates only the vision tokens, so that untrained (gamma = beta "
+        "= 0) it changes nothing.",
         "instruction-conditioned routing (FiLM)", (), 20),
     "select": Exercise(
-        "select: the K tokens an LFP layer keeps: BOS and every token from cfg.text_start on, then the most "
-        "probable vision tokens.",
-        "keep_prob [B, N], k -> long [B, K] sorted by sequence position. Force tokens in by adding +inf to "
-        "their scores, take topk, then sort the indices: the layer needs its tokens in sequence order.",
+        "select: the K tokens an LFP layer keeps.",
+        "keep_prob [B, N], k -> long [B, K]. BOS, the text and the action segment are always kept; of "
+        "the vision tokens, the most probable. The layer needs its tokens in sequence order, and it "
+        "still needs keep_prob as it was.",
         "force-keep + top-k selection", (), 15),
     "gather_scatter": Exercise(
         "gather_tokens and scatter_tokens: take the kept rows out, and put their new values back.",
-        "gather_tokens: x [B, N, D], idx [B, K] -> [B, K, D], out[b, k] = x[b, idx[b, k]] (index x with "
-        "arange(B)[:, None] and idx, or torch.gather). scatter_tokens(x, idx, y [B, K, D]) -> a new "
-        "[B, N, D]: rows idx replaced by y (y already holds the residual), the others as in x.",
+        "gather_tokens: x [B, N, D], idx [B, K] -> [B, K, D], each sample its own rows. "
+        "scatter_tokens(x, idx, y [B, K, D]) -> a new [B, N, D]; y already holds the residual, and x "
+        "itself must stay as it was.",
         "gather and scatter with batched indices", (), 20),
     "lfp_layer": Exercise(
-        "LFPDecoderLayer.forward_lfp, phases 1-6: score, select, gather, the block on the kept tokens, "
-        "scatter back, check and record.",
-        "x [B, N, D] -> [B, N, D]. keep_prob = self.router(self.input_layernorm(x)); idx = select(...,"
-        " self.n_keep, cfg); gather x and keep_prob at idx; mask = attention_mask(cfg, idx); positions "
-        "0..K-1 ('reindex') or idx ('original') through rope(positions, x.dtype); the block's attention "
-        "and MLP on the kept tokens, the MLP output times the router weight; scatter_tokens; raise "
-        "FloatingPointError naming the layer on inf/NaN if cfg.check_values; append an LFPRecord if "
-        "`records` is a list.",
-        "the whole LFP layer", ("rmsnorm", "rope", "causal_mask", "attention", "swiglu", "router", "select",
-                                "gather_scatter"), 40),
+        "LFPDecoderLayer.forward_lfp, phases 1-6: score, select, gather, the block, scatter back.",
+        "x [B, N, D] -> [B, N, D]. Read the phases in the docstrings of Router, select, gather_tokens "
+        "and scatter_tokens; the block on the kept tokens is the layer's own attention and MLP, its "
+        "MLP output scaled by the router weight. Positions: 0..K-1 ('reindex') or the kept ones. Check "
+        "for inf/NaN (naming the layer) when cfg.check_values, and append an LFPRecord to `records`.",
+        "the whole LFP layer", ("rmsnorm", "rope", "causal_mask", "attention", "swiglu", "router",
+                                "select", "gather_scatter"), 40),
     "vit_film": Exercise(
         "ViTBlock.forward: bidirectional attention, FiLM from the instruction, then the MLP.",
-        "x [B', n, W], cond [B', D] -> [B', n, W]: x + proj(attention(norm1(x))) with qkv split as "
-        "'b n (three h d)' and F.scaled_dot_product_attention (no mask); x * (1 + gamma) + beta with "
-        "gamma = film_scale(cond), beta = film_shift(cond); then x + mlp(norm2(x)).",
+        "x [B', n, W], cond [B', D] -> [B', n, W]. A pre-norm block with no mask; FiLM sits between "
+        "the attention and the MLP, and with gamma = beta = 0 it must be the identity.",
         "FiLM conditioning inside a ViT block", (), 20),
     "fusion": Exercise(
         "VisionTower.forward's mix of the two encoders, weighted by the instruction.",
-        "weights = softmax(self.fusion(instruction)) [B, 2], repeated per image to [B I, 2]; "
-        "fused = w0 * dino + w1 * siglip, dino and siglip [B I, G, D].",
+        "self.fusion(instruction) [B, 2] gives two logits per sample; dino and siglip are [B I, G, D] "
+        "(each sample's I images in a row); the result is [B, V, D], V = I x G.",
         "instruction-weighted mixture of encoders", ("vit_film",), 10),
 }
 
-EXERCISE_STUB = re.compile(r"exercise (\w+): not started( \(\w[\w.]*\))?")  # what a handout's stub raises
+
+def parse_exercise_ids(spec, option="--exercises"):
+    ids = list(EXERCISES) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [i for i in ids if i not in EXERCISES]
+    if unknown or not ids:
+        raise UsageError(f"{option}: unknown exercise(s) {', '.join(unknown) or '(none given)'}; "
+                         f"expected 'all' or ids separated by commas, from: {', '.join(EXERCISES)}")
+    return list(dict.fromkeys(ids))
+
+
+class UsageError(ValueError):
+    """A command given the wrong arguments: the message names the argument."""
+
+
+# %% Checking a student's code: cases, and messages that teach =================================
+
+@dataclasses.dataclass
+class Case:
+    """One check of an exercise: run the student's code (CALLS[call]) on `inputs` and compare each
+    of its outputs with `want`. The instructor's tests build cases from naive references; a
+    handout stores them, the reference's outputs and the classic mistakes' outputs computed."""
+    what: str                 # a failure's first line: which function, which case
+    call: str                 # a key of CALLS
+    inputs: dict              # the call's arguments: tensors, numbers, strings, dicts of them
+    want: dict = dataclasses.field(default_factory=dict)      # output name -> expected tensor
+    tol: dict = dataclasses.field(default_factory=dict)       # output -> largest difference allowed
+    mistakes: dict = dataclasses.field(default_factory=dict)  # name -> {output: tensor or thunk}
+    dtypes: dict = dataclasses.field(default_factory=dict)    # output name -> expected dtype name
+    allowed_off: int = 0      # values allowed beyond tol (bf16 rounding may flip a few)
+    raises: str | None = None  # "ErrorType: text it must contain", instead of outputs
+    exercise: str = ""        # set by the @exercise tag
+    test: str = ""            # the instructor's test that made it: the claim
+
+
+def describe(t):
+    return f"[{', '.join(map(str, t.shape))}] {str(t.dtype).replace('torch.', '')}"
+
+
+def assert_close(got, want, tol, what, inputs=None, mistakes=None, allowed_off=0):
+    """got == want within tol (max abs difference, at most `allowed_off` values beyond it), or an
+    AssertionError that teaches: the case, the inputs, then the shape, then NaN/inf, then the
+    largest difference with its index and both values there, and the classic mistake whose
+    output the student's equals, if any (`mistakes`: name -> tensor, or a function giving it)."""
+    lines = [what]
+    if inputs:
+        shown = {n: t for n, t in inputs.items() if isinstance(t, torch.Tensor)}
+        lines.append("inputs: " + ", ".join(f"{n} {describe(t)}" for n, t in shown.items()))
+    if tuple(got.shape) != tuple(want.shape):
+        lines.append(f"shape: expected {list(want.shape)}, got {list(got.shape)}")
+        raise AssertionError("\n  ".join(lines))
+    got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
+    bad = ~torch.isfinite(got64) & torch.isfinite(want64)
+    if bad.any():
+        first = tuple(torch.nonzero(bad)[0].tolist())
+        lines.append(f"{int(bad.sum())} NaN/inf values where finite ones are expected, the first "
+                     f"at index {first} (got {got64[first].item()})")
+        raise AssertionError("\n  ".join(lines))
+
+    def off(a):
+        return int(((a - want64).abs() > tol).sum()) if a.numel() else 0
+    if off(got64) <= allowed_off:
+        return
+    diff = (got64 - want64).abs()
+    at = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    lines.append(f"largest difference {diff[at].item():.4g} at index {at}: expected "
+                 f"{want64[at].item():.6g}, got {got64[at].item():.6g} ({off(got64)} of "
+                 f"{diff.numel()} values off by more than the tolerance {tol:g})")
+    for name, variant in (mistakes or {}).items():
+        wrong = (variant() if callable(variant) else variant).detach().double().cpu()
+        if wrong.shape == got64.shape and int(((wrong - got64).abs() > tol).sum()) <= allowed_off:
+            lines.append(f"likely mistake: {name} (your output equals that variant's within {tol:g})")
+            break
+    raise AssertionError("\n  ".join(lines))
+
+
+def check(case: Case, cm):
+    """Run the case on module `cm` (the student's cogvla_mini) and compare, output by output."""
+    if case.raises:
+        kind, _, text = case.raises.partition(": ")
+        try:
+            CALLS[case.call](cm, **case.inputs)
+        except NotImplementedError:   # a stub: not started, or blocked (see stubs_block)
+            raise
+        except Exception as err:      # the expected kind of error, saying what it must say
+            if type(err).__name__ == kind and text in str(err):
+                return
+            raise AssertionError(f"{case.what}: expected {kind} saying {text!r}, got "
+                                 f"{type(err).__name__}: {err}") from None
+        raise AssertionError(f"{case.what}: expected {kind} saying {text!r}; nothing was raised")
+    got = CALLS[case.call](cm, **case.inputs)
+    for name, want in case.want.items():
+        what = case.what if len(case.want) == 1 else f"{case.what}: {name}"
+        if name in case.dtypes and str(got[name].dtype) != case.dtypes[name]:
+            raise AssertionError(f"{what}\n  dtype: expected {case.dtypes[name]}, got {got[name].dtype}")
+        mistakes = {m: outs[name] for m, outs in case.mistakes.items() if name in outs}
+        assert_close(got[name], want, case.tol[name], what, case.inputs, mistakes, case.allowed_off)
+
+
+# How each case runs the student's code. Each takes the student's module and the case's inputs
+# and returns {output name: tensor}. Modules are built from a config (overrides of tiny()) and
+# loaded with the case's weights, so the student's own initialisation does not matter.
+
+def _built(cm, module, state, dtype=torch.float64):
+    module = module.to(dtype)
+    module.load_state_dict(state)
+    return module
+
+
+def _cfg(cm, cfg):
+    return cm.CogVLAConfig.tiny(**cfg)
+
+
+@torch.no_grad()
+def call_rmsnorm(cm, x, weight, eps):
+    return {"out": _built(cm, cm.RMSNorm(weight.shape[0], eps), {"weight": weight}, weight.dtype)(x)}
+
+
+@torch.no_grad()
+def call_rope_cos_sin(cm, head_dim, theta, position_ids, dtype):
+    cos, sin = cm.RotaryEmbedding(head_dim, theta)(position_ids, getattr(torch, dtype))
+    return {"cos": cos, "sin": sin}
+
+
+@torch.no_grad()
+def call_apply_rope(cm, x, cos, sin):
+    return {"out": cm.apply_rope(x, cos, sin)}
+
+
+@torch.no_grad()
+def call_rope_scores(cm, q, k, pairs, head_dim, theta):
+    """q.k after RoPE, for each (query position, key position) pair."""
+    rope, scores = cm.RotaryEmbedding(head_dim, theta), []
+    for m, n in pairs.tolist():
+        cq, sq = rope(torch.tensor([[m]]), torch.float32)
+        ck, sk = rope(torch.tensor([[n]]), torch.float32)
+        scores.append((cm.apply_rope(q, cq, sq) * cm.apply_rope(k, ck, sk)).sum())
+    return {"scores": torch.stack(scores)}
+
+
+@torch.no_grad()
+def call_rope_in_bf16_model(cm, cfg, position_ids):
+    rope = cm.LlamaDecoder(_cfg(cm, cfg)).to(torch.bfloat16).rotary_emb
+    cos, sin = rope(position_ids, torch.bfloat16)
+    return {"cos": cos, "sin": sin}
+
+
+@torch.no_grad()
+def call_attention_mask(cm, cfg, token_idx):
+    return {"mask": cm.attention_mask(_cfg(cm, cfg), token_idx)}
+
+
+@torch.no_grad()
+def call_attention(cm, cfg, state, x, cos, sin, mask):
+    return {"out": _built(cm, cm.Attention(_cfg(cm, cfg)), state)(x, cos, sin, mask)}
+
+
+@torch.no_grad()
+def call_mlp(cm, cfg, state, x):
+    return {"out": _built(cm, cm.MLP(_cfg(cm, cfg)), state)(x)}
+
+
+def call_shifted_cos(cm, average, layers, n_layers):
+    return {"ratios": torch.tensor([cm.shifted_cos_with_ratio(average, l, n_layers) for l in layers],
+                                   dtype=torch.float64)}
+
+
+def call_shifted_schedule(cm, curve, average, top, floor, n_layers):
+    """The schedule as a tensor [n_layers]: each layer's keep ratio, 0 where it does not prune."""
+    curve = {"shiftedcos": cm.shifted_cos_with_ratio, "shiftedlinear": cm.shifted_linear_with_ratio}[curve]
+    table = cm.shifted_schedule(curve, average, top, floor, n_layers)
+    return {"ratios": torch.tensor([float(table.get(l, 0.0)) for l in range(n_layers)],
+                                   dtype=torch.float64)}
+
+
+@torch.no_grad()
+def call_router(cm, cfg, state, h):
+    return {"keep_prob": _built(cm, cm.Router(_cfg(cm, cfg)), state)(h)}
+
+
+@torch.no_grad()
+def call_select(cm, cfg, keep_prob, k):
+    before = keep_prob.clone()
+    idx = cm.select(before, k, _cfg(cm, cfg))
+    return {"idx": idx, "keep_prob": before}     # `before` again: select must leave it as it was
+
+
+@torch.no_grad()
+def call_gather_tokens(cm, x, idx):
+    return {"out": cm.gather_tokens(x, idx)}
+
+
+@torch.no_grad()
+def call_scatter_tokens(cm, x, idx, y):
+    x_given = x.clone()
+    return {"out": cm.scatter_tokens(x_given, idx, y), "x": x_given}   # x must stay as it was
+
+
+@torch.no_grad()
+def call_lfp_layer(cm, cfg, state, x, layer):
+    """forward_lfp of decoder layer `layer`: its output, keep probabilities, kept indices, and
+    how much the rows it dropped changed (nothing)."""
+    llm = _built(cm, cm.LlamaDecoder(_cfg(cm, cfg)), state)
+    records = []
+    out = llm.layers[layer].forward_lfp(x, torch.arange(x.shape[1])[None], llm.rotary_emb, records)
+    kept = torch.zeros(x.shape[:2], dtype=torch.bool)
+    if records:
+        kept.scatter_(1, records[0].kept_indices, True)
+    return {"keep_probs": records[0].keep_probs if records else torch.zeros(0),
+            "kept_indices": records[0].kept_indices if records else torch.zeros(0),
+            "dropped rows changed by": (out - x)[~kept], "out": out}
+
+
+@torch.no_grad()
+def call_lfp_layer_unit_weights(cm, cfg, state, x, layer):
+    """forward_lfp with every keep probability 1 (the router replaced)."""
+    llm = _built(cm, cm.LlamaDecoder(_cfg(cm, cfg)), state)
+    lfp = llm.layers[layer]
+    lfp.router.forward = lambda h: torch.ones(h.shape[:2], dtype=h.dtype)
+    return {"out": lfp.forward_lfp(x, torch.arange(x.shape[1])[None], llm.rotary_emb)}
+
+
+@torch.no_grad()
+def call_lfp_layer_with_inf(cm, cfg, layer, x):
+    """A decoder whose LFP layer `layer` has an inf weight, run on x (it must raise)."""
+    llm = cm.LlamaDecoder(_cfg(cm, cfg))
+    llm.layers[layer].self_attn.o_proj.weight.fill_(float("inf"))
+    return {"out": llm(x)}
+
+
+@torch.no_grad()
+def call_vit_block(cm, width, heads, mlp_ratio, d_cond, state, x, cond):
+    return {"out": _built(cm, cm.ViTBlock(width, heads, mlp_ratio, d_cond), state)(x, cond)}
+
+
+@torch.no_grad()
+def call_vision_tower(cm, cfg, state, images, instruction):
+    return {"out": _built(cm, cm.VisionTower(_cfg(cm, cfg)), state)(images, instruction)}
+
+
+CALLS = {name.removeprefix("call_"): f for name, f in list(globals().items())
+         if name.startswith("call_")}
+
+
+# %% Tests: tags, and what happens when a test runs into a stub ================================
+
+EXERCISE_STUB = re.compile(r"exercise (\w+): not started( \(\w[\w.]*\))?")  # what a stub raises
+EXERCISE_TESTS = []   # (exercise, test function): the instructor's tests, in order
 
 
 def exercise(ex_id):
-    """Tag a test as grading exercise `ex_id`: `grade` counts it for that exercise, and
-    `pytest -k ex_id` selects it (pytest's -k also matches names set on a test function)."""
+    """Tag a test as one of exercise `ex_id`'s: `grade` counts it for that exercise, `pytest -k
+    ex_id` selects it (pytest's -k also matches names set on a test function), and a handout
+    stores its cases. The test returns its Case or Cases; the tag checks them on cogvla_mini."""
     if ex_id not in EXERCISES:
         raise ValueError(f"unknown exercise {ex_id!r}: expected one of {', '.join(EXERCISES)}")
 
-    def tag(test):
-        test.exercise = ex_id
+    def tag(build):
+        build.exercise = ex_id
+
+        @functools.wraps(build)
+        def test():
+            cm = importlib.import_module("cogvla_mini")
+            for case in cases_of(build):
+                check(case, cm)
+        test.exercise, test.build = ex_id, build
         setattr(test, f"exercise_{ex_id}", True)
+        EXERCISE_TESTS.append((ex_id, build))
         return test
     return tag
+
+
+def cases_of(build) -> list[Case]:
+    """The cases an @exercise test builds, each told its exercise and test."""
+    made = build()
+    made = made if isinstance(made, list) else [made]
+    return [dataclasses.replace(c, exercise=build.exercise, test=build.__name__) for c in made]
 
 
 @contextlib.contextmanager
@@ -154,35 +419,46 @@ def stubs_block(own=None):
         stub = EXERCISE_STUB.match(str(err))
         if stub is None:
             raise
-        # `from None`: the report shows this message alone, not the stub's traceback before it.
-        where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"   # the function the stub stands in
+        where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"   # the stub's function
         if stub[1] == own:
             raise pytest.fail.Exception(f"exercise {own}: not started (the stub in {where} raises "
                                         f"NotImplementedError)", pytrace=False) from None
         raise pytest.skip.Exception(f"blocked by exercise {stub[1]}: {where} not started") from None
 
 
-def graded(test):
-    """Run `test` inside stubs_block; an exercise test's failed assertion becomes its message alone,
-    prefixed with the exercise, with no traceback into the test's code."""
-    own = getattr(test, "exercise", None)
+def graded(test, own=None):
+    """Run `test` inside stubs_block; an exercise test's failed assertion becomes its message
+    alone, prefixed with the exercise, with no traceback into the test's code."""
+    own = own or getattr(test, "exercise", None)
 
     @functools.wraps(test)
     def run(*args, **kwargs):
-        with stubs_block(own):
+        with stubs_block(own or getattr(kwargs.get("case"), "exercise", None)):
             try:
                 return test(*args, **kwargs)
             except AssertionError as err:
-                if own is None:
+                ex = own or getattr(kwargs.get("case"), "exercise", None)
+                if ex is None:
                     raise
-                # Under `grade` asserts are plain: one without a message is shown as its line of code.
                 message = str(err) or f"failed: {traceback.extract_tb(err.__traceback__)[-1].line}"
-                raise pytest.fail.Exception(f"exercise {own}: {message}", pytrace=False) from None
+                raise pytest.fail.Exception(f"exercise {ex}: {message}", pytrace=False) from None
     return run
 
 
+def wrap_tests(namespace):
+    """Every test runs inside stubs_block (see `graded`), so that in a handout an exercise not yet
+    written skips the tests it blocks instead of failing them. A test file calls this at its end."""
+    for name, test in list(namespace.items()):
+        if name.startswith("test_") and inspect.isfunction(test):
+            namespace[name] = graded(test)
+
+
+def stubs_in(text):
+    return sorted(set(re.findall(r'raise NotImplementedError\("exercise (\w+): not started', text)))
+
+
 def stubs_left():
-    """The exercises whose stub is still in cogvla_mini.py (for tests that run it in another process)."""
+    """The exercises whose stub is still in cogvla_mini.py."""
     return stubs_in(open(importlib.import_module("cogvla_mini").__file__).read())
 
 
@@ -191,60 +467,598 @@ def skip_if_stubs_left():
         pytest.skip(f"blocked by exercise {left[0]} (not started)")
 
 
-# A classic mistake is named only when the student's output equals that wrong variant's: each
-# `mistakes` entry maps its name to a function computing the variant, run only on a failure.
+# The handout's test file: its checks are the stored cases, run on the student's cogvla_mini.py.
+STUDENT_TESTS = '''"""Your exercises' tests: `python -m pytest -k <id>` checks one, `python course.py grade`
+all of them. Each check runs your code on inputs stored in exercises.pt and compares the result
+with the reference's output stored beside them (made when the handout was made)."""
 
-def describe(t):
-    return f"[{', '.join(map(str, t.shape))}] {str(t.dtype).replace('torch.', '')}"
+from pathlib import Path
 
+import pytest
 
-def assert_close(got, want, tol, what, inputs=None, mistakes=None):
-    """got == want within tol (max abs difference), or an AssertionError that teaches: the case,
-    the inputs, then the shape, then NaN/inf, then the largest difference with its index and both
-    values there, and the classic mistake whose output the student's equals, if any."""
-    lines = [what]
-    if inputs:
-        lines.append("inputs: " + ", ".join(f"{name} {describe(t)}" for name, t in inputs.items()))
-    if tuple(got.shape) != tuple(want.shape):
-        lines.append(f"shape: expected {list(want.shape)}, got {list(got.shape)}")
-        raise AssertionError("\n  ".join(lines))
-    got64, want64 = got.detach().double(), want.detach().double()
-    bad = ~torch.isfinite(got64) & torch.isfinite(want64)
-    if bad.any():
-        first = tuple(torch.nonzero(bad)[0].tolist())
-        lines.append(f"{int(bad.sum())} NaN/inf values where finite ones are expected, the first at index "
-                     f"{first} (got {got64[first].item()})")
-        raise AssertionError("\n  ".join(lines))
-    diff = (got64 - want64).abs()
-    if got64.numel() == 0 or diff.max().item() <= tol:
-        return
-    at = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-    lines.append(f"largest difference {diff[at].item():.4g} at index {at}: expected {want64[at].item():.6g}, "
-                 f"got {got64[at].item():.6g} ({int((diff > tol).sum())} of {diff.numel()} values off by "
-                 f"more than the tolerance {tol:g})")
-    for name, variant in (mistakes or {}).items():
-        wrong = variant().detach().double()
-        if wrong.shape == got64.shape and (wrong - got64).abs().max().item() <= tol:
-            lines.append(f"likely mistake: {name} (your output equals that variant's within {tol:g})")
-            break
-    raise AssertionError("\n  ".join(lines))
+import cogvla_mini
+import course
+
+CASES = course.load_cases(Path(__file__).parent / "exercises.pt")
 
 
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.exercise}-{c.test.removeprefix('test_')}-{i}" for i, c in enumerate(CASES)])
+def test_exercise(case):
+    course.check(case, cogvla_mini)
+
+
+course.wrap_tests(globals())
+'''
+
+
+def save_cases(cases: list[Case], path):
+    """Evaluate each case's mistakes (thunks) and save everything, tensors and all."""
+    def plain(value):      # tensors detached, thunks evaluated, containers walked
+        if callable(value):
+            value = value()
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    torch.save([plain({f.name: getattr(case, f.name) for f in dataclasses.fields(case)})
+                for case in cases], path)
+
+
+def load_cases(path) -> list[Case]:
+    return [Case(**c) for c in torch.load(Path(path), weights_only=True)]
+
+
+# %% Regions: one marker line, to the end of its block =========================================
+
+MARKER = re.compile(r"^(?P<indent>[ \t]*)# --- exercise (?P<id>\w+) ---$")
+STUB_RAISE = ('raise NotImplementedError("exercise {id}: not started ({where}); '
+              'check it with: python -m pytest -k {id}")')
+
+
+@dataclasses.dataclass
+class Region:
+    exercise: str
+    begin: int      # line index (from 0) of its marker
+    end: int        # line index just after its last line
+    indent: str     # the marker's indentation, which the body shares
+
+
+def find_regions(text, where="cogvla_mini.py"):
+    """The exercise regions of a source, in order. A region runs from its marker line to the end
+    of the block the marker sits in (the rest of the function body); ValueError on a marker that
+    is malformed, unknown, outside a function, followed by no code, or inside another region."""
+    lines, regions = text.split("\n"), []
+    for i, line in enumerate(lines):
+        m = MARKER.match(line)
+        if m is None:
+            if "# --- exercise " in line:
+                raise ValueError(f"{where}:{i + 1}: malformed marker {line.strip()!r}: expected "
+                                 f"'# --- exercise <id> ---' alone on a line")
+            continue
+        if m["id"] not in EXERCISES:
+            raise ValueError(f"{where}:{i + 1}: unknown exercise {m['id']!r}: expected one of "
+                             f"{', '.join(EXERCISES)}")
+        if not m["indent"]:
+            raise ValueError(f"{where}:{i + 1}: exercise {m['id']}: the marker must be inside a "
+                             f"function body, at the indentation of the code it marks")
+        if regions and regions[-1].begin < i < regions[-1].end:
+            raise ValueError(f"{where}:{i + 1}: exercise {m['id']} begins inside exercise "
+                             f"{regions[-1].exercise} (begun at line {regions[-1].begin + 1}): "
+                             f"regions do not nest, one marker per block")
+        end = i + 1
+        for j in range(i + 1, len(lines)):
+            if lines[j].strip() and not lines[j].startswith(m["indent"]):
+                break
+            if lines[j].strip():
+                end = j + 1              # the block's last line; blank lines after it left out
+        if end == i + 1:
+            raise ValueError(f"{where}:{i + 1}: exercise {m['id']}: no code follows the marker at "
+                             f"its indentation")
+        regions.append(Region(m["id"], i, end, m["indent"]))
+    return regions
+
+
+def region_bodies(text, where="cogvla_mini.py"):
+    """{exercise: [the lines of its first region, its second, ...]}"""
+    lines = text.split("\n")
+    bodies = {}
+    for r in find_regions(text, where):
+        bodies.setdefault(r.exercise, []).append(lines[r.begin + 1:r.end])
+    return bodies
+
+
+def with_bodies(text, new, where="cogvla_mini.py"):
+    """`text` with the regions of each exercise in `new` ({exercise: [body per region]})
+    replaced -> (the new text, {line of the new text: (where its lines came from, line there)}
+    for the replaced lines, 1-based, so that an error's file:line can point at the student's)."""
+    lines, out, pos, count, origin = text.split("\n"), [], 0, {}, {}
+    regions = find_regions(text, where)
+    for ex, bodies in new.items():
+        have = sum(r.exercise == ex for r in regions)
+        if have != len(bodies):
+            raise ValueError(f"{where}: exercise {ex} has {have} region(s), the replacement {len(bodies)}")
+    for r in regions:
+        if r.exercise in new:
+            k = count[r.exercise] = count.get(r.exercise, -1) + 1
+            out += lines[pos:r.begin + 1]
+            body = new[r.exercise][k]
+            for j, line in enumerate(body):
+                origin[len(out) + 1 + j] = line        # filled in by the caller with a location
+            out += [line.text if isinstance(line, SourceLine) else line for line in body]
+            pos = r.end
+    return "\n".join(out + lines[pos:]), {n: line.at for n, line in origin.items()
+                                          if isinstance(line, SourceLine)}
+
+
+@dataclasses.dataclass
+class SourceLine:
+    """A line of code that remembers where it came from: (path, line number)."""
+    text: str
+    at: tuple
+
+
+def located_bodies(text, path):
+    """region_bodies, each line a SourceLine that knows its place in `path`."""
+    lines = text.split("\n")
+    bodies = {}
+    for r in find_regions(text, str(path)):
+        bodies.setdefault(r.exercise, []).append(
+            [SourceLine(lines[i], (str(path), i + 1)) for i in range(r.begin + 1, r.end)])
+    return bodies
+
+
+def enclosing_function(lines, i):
+    """The name of the def (with its class, if any) that line i sits in: `Router.forward`."""
+    names, indent = [], len(lines[i]) - len(lines[i].lstrip())
+    for line in reversed(lines[:i]):
+        m = re.match(r"(\s*)(?:def|class) (\w+)", line)
+        if m and len(m[1]) < indent:
+            names.insert(0, m[2])
+            indent = len(m[1])
+    return ".".join(names)
+
+
+def stub_bodies(text, ids):
+    """{exercise: [stub per region]}: the statement, the hint and the NotImplementedError."""
+    lines, regions = text.split("\n"), find_regions(text)
+    stubs = {}
+    for ex_id in ids:
+        mine = [r for r in regions if r.exercise == ex_id]
+        for k, r in enumerate(mine):
+            ex, width = EXERCISES[ex_id], 100 - len(r.indent) - 2
+            where = enclosing_function(lines, r.begin)
+            head = f"Exercise {ex_id}" + (f", part {k + 1} of {len(mine)} ({where})" if len(mine) > 1 else "")
+            comment = textwrap.wrap(f"{head}: {ex.statement}", width) + textwrap.wrap(f"Hint: {ex.hint}", width)
+            stubs.setdefault(ex_id, []).append([f"{r.indent}# {c}" for c in comment]
+                                               + [r.indent + STUB_RAISE.format(id=ex_id, where=where)])
+    return stubs
+
+
+# %% Handouts ==================================================================================
+
+# What a handout carries besides the stubbed cogvla_mini.py. Not the instructor's tests: they hold
+# the naive reference of every exercise.
+HANDOUT_FILES = (".gitignore", "README.md", "bench.py", "course.py", "pytest.ini", "requirements.txt",
+                 "train_toy.py")
+
+
+def make_handout(ids, out, project=HERE, log=print):
+    """Write a student's copy to `out`: the chosen regions stubbed, the tests as stored cases
+    (exercises.pt, test_exercises.py), and the assignment (handout.json). It checks itself
+    first and writes nothing if a check fails."""
+    out, project = Path(out), Path(project)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out}: exists and is not an empty directory; nothing written")
+    source = (project / "cogvla_mini.py").read_text()
+    bodies = region_bodies(source)
+    if missing := [i for i in ids if i not in bodies]:
+        raise ValueError(f"{project / 'cogvla_mini.py'}: no region for exercise(s) {', '.join(missing)}")
+    stubbed, _ = with_bodies(source, stub_bodies(source, ids))
+    log(f"making the stored checks of {len(ids)} exercise(s) from the reference ...")
+    cases = [case for ex, build in instructor_tests(project) if ex in ids for case in cases_of(build)]
+    with tempfile.TemporaryDirectory() as tmp:
+        draft = Path(tmp) / "handout"
+        draft.mkdir()
+        for name in HANDOUT_FILES:
+            shutil.copy2(project / name, draft / name)
+        if (project / "docs").is_dir():
+            shutil.copytree(project / "docs", draft / "docs")
+        (draft / "cogvla_mini.py").write_text(stubbed)
+        (draft / "test_exercises.py").write_text(STUDENT_TESTS)
+        save_cases(cases, draft / "exercises.pt")
+        manifest = {"exercises": ids, "points": {ex: EXERCISES[ex].points for ex in ids}}
+        (draft / "handout.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        checks = check_handout(draft, ids, source, project, log)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(draft, out, dirs_exist_ok=True)
+    log(f"handout written to {out}: {len(ids)} exercise(s) ({', '.join(ids)}); students check one "
+        f"with `python -m pytest -k <id>`, all with `python course.py grade`")
+    return checks
+
+
+def instructor_tests(project=HERE):
+    """[(exercise, case builder)] of the instructor's test file in `project`."""
+    if not (Path(project) / "test_cogvla_mini.py").exists():
+        raise UsageError(f"handout: {project} has no test_cogvla_mini.py: a handout is made from the "
+                         f"instructor's copy of the project, which holds the references")
+    if str(project) not in sys.path:
+        sys.path.insert(0, str(project))
+    importlib.import_module("test_cogvla_mini")      # its @exercise tags fill EXERCISE_TESTS
+    return list(EXERCISE_TESTS)
+
+
+def leaked_lines(folder, lines):
+    """[(file, line)] for each line of code in `lines` found in a text file of `folder`, on a line
+    of its own or inside another (a hint quoting it). Only whole statements of 20 characters or
+    more count, without their comments: `else:` or `dtype=torch.float32)` give nothing away."""
+    code = {re.sub(r"(^|\s+)#.*$", "", line).strip() for line in lines}     # without comments
+
+    def whole(line):       # not the tail of a statement begun on the line before
+        return sum(line.count(c) for c in "([{") == sum(line.count(c) for c in ")]}")
+    telling = {line for line in code if len(line) >= 20 and whole(line)}
+    found = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix != ".pt"):
+        text = path.read_text(errors="replace")
+        found += [(str(path.relative_to(folder)), line) for line in sorted(telling) if line in text]
+    return found
+
+
+def check_handout(draft, ids, source, project, log):
+    """The handout's own checks; ValueError (and nothing written) on the first that fails."""
+    text = (draft / "cogvla_mini.py").read_text()
+    if [r.exercise for r in find_regions(text)] != [r.exercise for r in find_regions(source)]:
+        raise ValueError("handout check: the stubbed file's regions differ from the reference's; "
+                         "nothing written")
+    log("handout check 1/3: markers well formed; no line of a chosen exercise left in any file ...")
+    bodies = region_bodies(source)
+    solution = [line for ex in ids for b in bodies[ex] for line in b]
+    # A line that the code a student gets anyway also holds (outside the chosen regions) gives
+    # nothing away.
+    public = with_bodies(source, {ex: [[] for _ in bodies[ex]] for ex in ids})[0]
+    if leaks := [(f, line) for f, line in leaked_lines(draft, solution) if line not in public]:
+        raise ValueError("handout check: lines of the solution appear in the handout; nothing written\n"
+                         + "\n".join(f"  {file}: {line}" for file, line in leaks))
+    log("handout check 2/3: graded as it is, every chosen exercise is 'not started' ...")
+    stubbed = grade(draft, log=lambda *_: None, stored_checks=True)
+    if wrong := [r for r in stubbed if r["status"] != "not started" or r["total"] == 0]:
+        raise ValueError("handout check: grading the handout gave\n" + format_grade(wrong)
+                         + "\nnothing written")
+    log("handout check 3/3: with the reference's code pasted back, every chosen exercise passes ...")
+    back = Path(str(draft) + "-back")
+    shutil.copytree(draft, back)
+    (back / "cogvla_mini.py").write_text(source)
+    pasted_back = grade(back, log=lambda *_: None, stored_checks=True)
+    shutil.rmtree(back)
+    if wrong := [r for r in pasted_back if r["status"] != "passed"]:
+        raise ValueError("handout check: the reference itself fails the stored checks\n"
+                         + format_grade(wrong) + "\nnothing written")
+    return stubbed, pasted_back
+
+
+# %% Grading ===================================================================================
+
+GRADING_TIME_LIMIT = 600   # s, per submission; an endless loop in a student's code ends here
+
+
+class GradingError(RuntimeError):
+    """A submission that cannot be graded (a syntax error, a missing file or marker, a crash, a
+    time-out): the message says why, with the student's file and line."""
+
+
+class ExerciseResults:
+    """A pytest plugin: run only the tests of the given exercises, and record each one's outcome."""
+
+    def __init__(self, exercises):
+        self.exercises, self.tests, self.errors = set(exercises), {}, []
+
+    @staticmethod
+    def exercise_of(item):
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        return case.exercise if case else getattr(getattr(item, "function", None), "exercise", None)
+
+    def pytest_collection_modifyitems(self, config, items):
+        chosen = [i for i in items if self.exercise_of(i) in self.exercises]
+        config.hook.pytest_deselected(items=[i for i in items if i not in chosen])
+        items[:] = chosen
+        for item in chosen:
+            self.tests[item.nodeid] = {"exercise": self.exercise_of(item), "outcome": None, "message": ""}
+
+    def pytest_collectreport(self, report):
+        if report.failed:     # e.g. cogvla_mini.py does not import
+            lines = [line for line in report.longreprtext.strip().split("\n") if line.strip(" ^~")]
+            self.errors.append("could not collect the tests:\n" + "\n".join(lines[-4:]))
+
+    def pytest_runtest_logreport(self, report):
+        test = self.tests.get(report.nodeid)
+        if test is None or test["outcome"] not in (None, "passed"):
+            return
+        if report.failed:
+            text = report.longreprtext.strip()
+            crash = getattr(report.longrepr, "reprcrash", None)
+            if not text.startswith("exercise ") and crash is not None:    # the student's code raised
+                text = f"{crash.message} (at {crash.path}:{crash.lineno})"
+            own = f"exercise {test['exercise']}: not started"
+            test["outcome"], test["message"] = ("not started" if text.startswith(own) else "failed"), text
+        elif report.skipped:
+            reason = (report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr))
+            reason = reason.removeprefix("Skipped: ")
+            test["outcome"], test["message"] = ("blocked" if reason.startswith("blocked by") else "skipped"), reason
+        elif report.when == "call":
+            test["outcome"] = "passed"
+
+
+def run_exercise_tests(results_file, runs):
+    """In a process of its own (see grade, start): for each [workdir, test file, ids] run those
+    exercises' tests in workdir, which holds a cogvla_mini.py to grade and what the tests import."""
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"     # no plugin of another project
+    results = []
+    for workdir, test_file, ids in runs:
+        for name in ("cogvla_mini", "bench", "course", "test_cogvla_mini", "test_exercises"):
+            sys.modules.pop(name, None)                                 # import the workdir's copies
+        sys.path.insert(0, workdir)
+        plugin = ExerciseResults(ids)
+        # Plain asserts (every exercise test says what failed) and no unraisable-exception plugin,
+        # whose gc passes would cost a second per run.
+        code = pytest.main([str(Path(workdir) / test_file), "--assert=plain", "-p", "no:cacheprovider",
+                            "-p", "no:terminal", "-p", "no:unraisableexception"], plugins=[plugin])
+        sys.path.remove(workdir)
+        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+            plugin.errors.append(f"pytest stopped: {code!r}")
+        results.append({"exercises": ids, "tests": list(plugin.tests.values()), "errors": plugin.errors})
+    Path(results_file).write_text(json.dumps(results))
+
+
+def submission_folder(path, option):
+    """The folder `path` as given for `option`, or a UsageError saying what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{option} {path}: no such folder")
+    if not path.is_dir():
+        raise UsageError(f"{option} {path}: a file, expected a folder holding cogvla_mini.py")
+    return path
+
+
+def assigned(folder, exercises=None):
+    """The exercises to grade: `exercises`, or else those that the folder's handout.json assigns."""
+    if exercises:
+        return exercises
+    manifest = Path(folder) / "handout.json"
+    if not manifest.exists():
+        raise UsageError(f"{folder}: no handout.json, which says what was assigned; give --exercises")
+    return parse_exercise_ids(",".join(json.loads(manifest.read_text())["exercises"]),
+                              f"{manifest}: exercises")
+
+
+def student_source(folder):
+    """The student's cogvla_mini.py, read and compiled: GradingError with its path if it is
+    missing or does not parse."""
+    path = Path(folder) / "cogvla_mini.py"
+    if not path.exists():
+        raise GradingError(f"{path}: missing")
+    text = path.read_text(errors="replace")
+    try:
+        compile(text, str(path), "exec")
+    except SyntaxError as err:
+        raise GradingError(f"syntax error in {path}:{err.lineno}: {err.msg}") from None
+    return path, text
+
+
+def grade(student, reference=None, exercises=None, time_limit=GRADING_TIME_LIMIT, log=print,
+          stored_checks=None):
+    """One row per assigned exercise: status, tests passed of total, points, the first failure's
+    message. The tests are the instructor's, when this copy of course.py has them, or else
+    (`stored_checks`) the handout's own. With a `reference` folder, each exercise runs on the
+    reference's cogvla_mini.py with only that exercise's regions taken from the student's, so one
+    mistake does not fail every exercise built on it; without, an exercise whose dependency
+    failed is "blocked by" it."""
+    student = submission_folder(student, "grade: DIR")
+    ids = assigned(student, exercises)
+    path, mine = student_source(student)
+    instructor = (HERE / "test_cogvla_mini.py").exists() if stored_checks is None else not stored_checks
+    if not instructor:
+        for name in ("test_exercises.py", "exercises.pt"):
+            if not (student / name).exists():
+                raise GradingError(f"{student / name}: missing (the handout's checks)")
+    helpers = ("test_cogvla_mini.py", "course.py", "bench.py") if instructor else ("course.py",)
+    test_file = "test_cogvla_mini.py" if instructor else "test_exercises.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        places = {}                     # workdir -> {line: (path, line)} of the student's lines
+
+        def workdir(name, text, origin):
+            folder = Path(tmp) / name
+            folder.mkdir()
+            (folder / "cogvla_mini.py").write_text(text)
+            for helper in helpers:
+                shutil.copy2(HERE / helper, folder / helper)
+            if not instructor:
+                shutil.copy2(student / "test_exercises.py", folder / "test_exercises.py")
+                shutil.copy2(student / "exercises.pt", folder / "exercises.pt")
+            places[str(folder)] = origin
+            return str(folder)
+
+        if reference is None:
+            origin = {n: (str(path), n) for n in range(1, mine.count("\n") + 2)}
+            runs = [[workdir("all", mine, origin), test_file, ids]]
+        else:
+            theirs = (Path(reference) / "cogvla_mini.py").read_text()
+            bodies = located_bodies(mine, path)
+            if absent := [ex for ex in ids if ex not in bodies]:
+                raise GradingError(f"{path}: no region for exercise(s) {', '.join(absent)}: its "
+                                   f"'# --- exercise <id> ---' marker line must stay")
+            runs = []
+            for ex in ids:
+                text, origin = with_bodies(theirs, {ex: bodies[ex]})
+                runs.append([workdir(ex, text, origin), test_file, [ex]])
+        log(f"grading {path}" + (f" in isolation against {reference}" if reference else "")
+            + f": {len(ids)} exercise(s) ...")
+        results_file, log_path = Path(tmp) / "results.json", Path(tmp) / "grading.log"
+        [code] = finish([start("run_exercise_tests", [str(results_file), runs], log_path)], time_limit)
+        output = log_path.read_text()
+        if code is None:    # the log holds the stacks, innermost call first
+            raise GradingError(f"{path}: the grading run did not finish within {time_limit} s (an "
+                               f"endless loop?); where it was:\n" + "\n".join(output.splitlines()[:12]))
+        if not results_file.exists():
+            raise GradingError(f"{path}: the grading process crashed (exit code {code}):\n{output[-3000:]}")
+        results = json.loads(results_file.read_text())
+        for result in results:       # error places inside the temporary copies -> the student's
+            for test in result["tests"]:
+                test["message"] = relocated(test["message"], places, Path(reference or student))
+    return grade_rows(results, ids, stubs_in(mine), blocking=reference is None)
+
+
+def relocated(message, places, reference):
+    """An error's 'at .../workdir/cogvla_mini.py:LINE' -> the student's file and line, or the
+    reference's where the line is not the student's."""
+    def place(m):
+        workdir, line = str(Path(m[1]).parent), int(m[2])
+        if line in places.get(workdir, {}):
+            where, n = places[workdir][line]
+            return f"(at {where}:{n})"
+        return f"(at {reference / 'cogvla_mini.py'}:{line}, the reference's code)"
+    return re.sub(r"\(at (\S+cogvla_mini\.py):(\d+)\)", place, message)
+
+
+def grade_rows(results, ids, stubbed, blocking=True):
+    rows = {}
+    for ex in ids:
+        ran = [r for r in results if ex in r["exercises"]]
+        tests = [t for r in ran for t in r["tests"] if t["exercise"] == ex and t["outcome"] != "skipped"]
+        errors = [e for r in ran for e in r["errors"]]
+        passed = sum(t["outcome"] == "passed" for t in tests)
+
+        def first(outcome):
+            """The first message of this outcome, preferring one that names a classic mistake."""
+            messages = [t["message"] for t in tests if t["outcome"] == outcome]
+            return next((m for m in messages if "likely mistake" in m), messages[0] if messages else "")
+
+        if errors:
+            status, message = "failed", errors[0]
+        elif first("failed"):
+            status, message = "failed", first("failed")
+        elif ex in stubbed or any(t["outcome"] == "not started" for t in tests):
+            status, message = "not started", first("not started") or first("blocked")
+        elif any(t["outcome"] == "blocked" for t in tests):
+            status, message = "blocked", first("blocked")
+        elif tests and passed == len(tests):
+            status, message = "passed", ""
+        else:
+            status, message = "failed", "no test of this exercise ran"
+        rows[ex] = {"exercise": ex, "status": status, "passed": passed, "total": len(tests),
+                    "first_failure": message}
+    for ex, row in rows.items():     # a failure through an exercise it builds on is not its own
+        upstream = [d for d in EXERCISES[ex].depends if d in rows and rows[d]["status"] != "passed"]
+        if blocking and upstream and row["status"] == "failed":
+            row.update(status="blocked", first_failure=f"blocked by exercise {upstream[0]} "
+                       f"({rows[upstream[0]]['status']}): fix it first; then: {row['first_failure']}")
+    for row in rows.values():        # an exercise's points when all its tests pass, else none
+        full = EXERCISES[row["exercise"]].points
+        row.update(points=full if row["status"] == "passed" else 0, points_possible=full)
+    return list(rows.values())
+
+
+def format_grade(rows):
+    lines = [f"{'exercise':<15} {'status':<12} {'tests':>6} {'points':>7}  first failure"]
+    for r in rows:
+        message = r["first_failure"].split("\n")
+        points = f"{r.get('points', 0):g}/{r.get('points_possible', 0)}"
+        lines.append(f"{r['exercise']:<15} {r['status']:<12} {r['passed']:>3}/{r['total']:<2} "
+                     f"{points:>7}  {message[0]}")
+        lines += [" " * 46 + m.strip() for m in message[1:]]
+    return "\n".join(lines)
+
+
+def grade_summary(rows):
+    return {"exercises": rows, "passed": sum(r["status"] == "passed" for r in rows),
+            "total": len(rows), "points": sum(r["points"] for r in rows),
+            "points_possible": sum(r["points_possible"] for r in rows)}
+
+
+def in_short(message):
+    """A failure's first line, and the classic mistake it names, if it names one."""
+    lines = re.sub(r"^exercise \w+: ", "", message).split("\n")
+    mistake = [line.strip() for line in lines if line.strip().startswith("likely mistake:")]
+    return " | ".join([lines[0].strip()] + mistake[:1])
+
+
+def check_reference(reference, ids, log):
+    """--isolate and --class take every other region from the reference: it must pass itself
+    (two folders given the wrong way round would otherwise grade the reference)."""
+    reference = submission_folder(reference, "--isolate REFERENCE")
+    try:
+        rows = grade(reference, exercises=ids, log=lambda *_: None)
+    except GradingError as err:
+        raise UsageError(f"--isolate REFERENCE {reference}: cannot be graded: {err}") from None
+    if bad := [r for r in rows if r["status"] != "passed"]:
+        raise UsageError(f"--isolate REFERENCE {reference}: its own code does not pass "
+                         f"({', '.join(r['exercise'] + ': ' + r['status'] for r in bad)}); are the "
+                         f"reference and the student's folder the wrong way round?")
+    log(f"reference {reference}: passes its own tests of {', '.join(ids)}")
+    return reference
+
+
+def grade_class(folder, reference=HERE, exercises=None, csv_path=None,
+                time_limit=GRADING_TIME_LIMIT, log=print):
+    """Grade every submission folder under `folder`, each in a process of its own with a time
+    limit, isolated against `reference`. A submission that cannot be graded is a row with its
+    reason; the others are graded. Writes a CSV gradebook: student, points per exercise, points,
+    total, note."""
+    folder = submission_folder(folder, "grade --class")
+    students = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not students:
+        raise UsageError(f"grade --class {folder}: no submission folders in it")
+    if not exercises:
+        manifests = {s.name: tuple(assigned(s)) for s in students if (s / "handout.json").exists()}
+        if len(set(manifests.values())) != 1:
+            raise UsageError(f"grade --class {folder}: the submissions' handout.json files "
+                             f"{'disagree' if manifests else 'are missing'}; give --exercises")
+        exercises = list(next(iter(manifests.values())))
+    check_reference(reference, exercises, log)
+    book, start_time = [], time.monotonic()
+    for i, student in enumerate(students, 1):
+        began = time.monotonic()
+        try:
+            rows = grade(student, reference, exercises, time_limit, log=lambda *_: None)
+            note = "; ".join(f"{r['exercise']}: {in_short(r['first_failure'])}" for r in rows
+                             if r["status"] != "passed")
+        except GradingError as err:
+            rows, note = [], f"not graded: {str(err).splitlines()[0]}"
+        points = {r["exercise"]: r["points"] for r in rows}
+        book.append({"student": student.name, **{ex: points.get(ex, 0) for ex in exercises},
+                     "points": sum(points.values()),
+                     "total": sum(EXERCISES[ex].points for ex in exercises), "note": note})
+        log(f"[{i}/{len(students)}] {student.name}: {book[-1]['points']:g}/{book[-1]['total']} points"
+            f" ({time.monotonic() - began:.1f} s){'  ' + note[:100] if note else ''}")
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["student", *exercises, "points", "total", "note"])
+            writer.writeheader()
+            writer.writerows(book)
+    graded_ = [b for b in book if not b["note"].startswith("not graded")]
+    mean = sum(b["points"] for b in graded_) / len(graded_) if graded_ else math.nan
+    log(f"graded {len(graded_)} of {len(book)} submissions in {time.monotonic() - start_time:.0f} s: "
+        f"{sum(b['points'] == b['total'] for b in book)} full marks, mean {mean:.1f} of "
+        f"{book[0]['total']} points" + (f"; gradebook {csv_path}" if csv_path else ""))
+    return book
+
+
+# %% Processes: each grading run in its own, with a time limit =================================
 
 def can_fork():
-    """A child forked from this process starts with torch imported: ~3 s saved per process over a
-    fresh interpreter. Linux only, and only while CUDA is not initialised (a forked child cannot use it)."""
+    """A child forked from this process starts with torch imported, seconds saved per process
+    over a fresh interpreter. Linux only, and only while CUDA is not initialised."""
     return sys.platform == "linux" and not torch.cuda.is_initialized()
 
 
 def start(name, args, log_path):
-    """Run this file's function `name`(*args) in a process of its own; returns a handle for
-    `finish`. Forked where can_fork(), else a fresh interpreter that imports this file: either
-    way the child runs child_main."""
+    """Run function `name` ("module:function", or one of this file's) with *args in a process
+    of its own; returns a handle for `finish`. Forked where can_fork(), else a fresh interpreter
+    that imports this file: either way the child runs child_main."""
     if not can_fork():
         with open(log_path, "w") as log:            # the child's output, import errors included
             return subprocess.Popen([sys.executable, "-c", "import json, sys, course as t; "
-                                     "t.child_main(*json.loads(sys.argv[1]))", json.dumps([str(log_path), name, args])],
+                                     "t.child_main(*json.loads(sys.argv[1]))",
+                                     json.dumps([str(log_path), name, args])],
                                     cwd=HERE, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     with warnings.catch_warnings():     # Python >= 3.12 warns at any fork of a threaded process
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -259,7 +1073,7 @@ def start(name, args, log_path):
 
 def child_main(log_path, name, args):
     """The child's side of `start`: its output, Python's and the C++ libraries', goes to log_path;
-    it exits 0 when `name`(*args) returns, 1 with the traceback when it raises; on SIGUSR1 it
+    it exits 0 when the function returns, 1 with the traceback when it raises; on SIGUSR1 it
     writes every thread's stack there (see finish). A forked child must not take over from its
     parent: OpenMP's thread pool (its threads do not exist in the child, whose first parallel op
     would hang: one thread, as torchrun's OMP_NUM_THREADS=1 makes each rank do), nor pytest's
@@ -278,7 +1092,7 @@ def child_main(log_path, name, args):
         except BaseException:
             traceback.print_exc()
             log.flush()
-            os._exit(1)     # at once, freeing nothing: see the gloo deadlock in train_toy.train
+            os._exit(1)     # at once, freeing nothing: see the gloo deadlock in train_toy
     os._exit(0)
 
 
@@ -316,381 +1130,67 @@ def finish(children, timeout):
     return codes
 
 
-# =============================================================================== exercises: handout and grade
-
-HERE = Path(__file__).resolve().parent
-PROJECT_FILES = (".ci/run", ".gitignore", "README.md", "bench.py", "cogvla_mini.py", "pytest.ini", "requirements.txt",
-                 "test_cogvla_mini.py", "test_course.py", "test_train_toy.py", "course.py", "train_toy.py")
-MARKER = re.compile(r"^(?P<indent>[ \t]*)# --- exercise (?P<id>\w+) ---$")
-STUB_RAISE = ('raise NotImplementedError("exercise {id}: not started ({where}); '
-              'check it with: python -m pytest -k {id}")')
-
-
-@dataclasses.dataclass
-class Region:
-    exercise: str
-    begin: int      # line index (from 0) of its marker
-    end: int        # line index just after its last line
-    indent: str     # the markers' indentation, which the body shares
-
-
-def find_regions(text, where="cogvla_mini.py"):
-    """The exercise regions of a source, in order. A region runs from its marker line to the end
-    of the block the marker sits in (the rest of the function body); ValueError on a marker that
-    is malformed, unknown, outside a function, followed by no code, or inside another region."""
-    lines, regions = text.split("\n"), []
-    for i, line in enumerate(lines):
-        m = MARKER.match(line)
-        if m is None:
-            if "# --- exercise " in line:
-                raise ValueError(f"{where}:{i + 1}: malformed marker {line.strip()!r}: expected "
-                                 f"'# --- exercise <id> ---' alone on a line")
-            continue
-        if m["id"] not in EXERCISES:
-            raise ValueError(f"{where}:{i + 1}: unknown exercise {m['id']!r}: expected one of "
-                             f"{', '.join(EXERCISES)}")
-        if not m["indent"]:
-            raise ValueError(f"{where}:{i + 1}: exercise {m['id']}: the marker must be inside a "
-                             f"function body, at the indentation of the code it marks")
-        if regions and regions[-1].begin < i < regions[-1].end:
-            raise ValueError(f"{where}:{i + 1}: exercise {m['id']} begins inside exercise "
-                             f"{regions[-1].exercise} (begun at line {regions[-1].begin + 1}): "
-                             f"regions do not nest, one marker per block")
-        end = i + 1
-        for j in range(i + 1, len(lines)):
-            if lines[j].strip() and not lines[j].startswith(m["indent"]):
-                break
-            if lines[j].strip():
-                end = j + 1                 # the last line of the block, blank lines after it left out
-        if end == i + 1:
-            raise ValueError(f"{where}:{i + 1}: exercise {m['id']}: no code follows the marker at "
-                             f"its indentation")
-        regions.append(Region(m["id"], i, end, m["indent"]))
-    return regions
-
-
-def region_bodies(text, where="cogvla_mini.py"):
-    """{exercise: [the lines inside its first region, its second, ...]}"""
-    lines = text.split("\n")
-    bodies = {}
-    for r in find_regions(text, where):
-        bodies.setdefault(r.exercise, []).append(lines[r.begin + 1:r.end])
-    return bodies
-
-
-def with_bodies(text, new, where="cogvla_mini.py"):
-    """`text` with the regions of each exercise in `new` ({exercise: [body per region]}) replaced."""
-    lines, out, pos, count = text.split("\n"), [], 0, {}
-    regions = find_regions(text, where)
-    for ex, bodies in new.items():
-        have = sum(r.exercise == ex for r in regions)
-        if have != len(bodies):
-            raise ValueError(f"{where}: exercise {ex} has {have} region(s), the replacement {len(bodies)}")
-    for r in regions:
-        if r.exercise in new:
-            k = count[r.exercise] = count.get(r.exercise, -1) + 1
-            out += lines[pos:r.begin + 1] + new[r.exercise][k]
-            pos = r.end
-    return "\n".join(out + lines[pos:])
-
-
-def enclosing_function(lines, i):
-    """The name of the def (with its class, if any) that line i sits in: `Router.forward`, `select`."""
-    names, indent = [], len(lines[i]) - len(lines[i].lstrip())
-    for line in reversed(lines[:i]):
-        m = re.match(r"(\s*)(?:def|class) (\w+)", line)
-        if m and len(m[1]) < indent:
-            names.insert(0, m[2])
-            indent = len(m[1])
-    return ".".join(names)
-
-
-def stub_body(ex_id, region, part, lines):
-    """The stub that replaces one region: the statement, the hint and the NotImplementedError."""
-    ex, indent, width = EXERCISES[ex_id], region.indent, 100 - len(region.indent) - 2
-    where = enclosing_function(lines, region.begin)
-    head = f"Exercise {ex_id}" + (f", part {part[0]} of {part[1]} ({where})" if part[1] > 1 else "")
-    comment = textwrap.wrap(f"{head}: {ex.statement}", width) + textwrap.wrap(f"Hint: {ex.hint}", width)
-    return [f"{indent}# {line}" for line in comment] + [indent + STUB_RAISE.format(id=ex_id, where=where)]
-
-
-def stub_bodies(text, ids):
-    """{exercise: [stub per region]} for the exercises `ids` of a source text."""
-    lines, regions = text.split("\n"), find_regions(text)
-    stubs = {}
-    for ex_id in ids:
-        mine = [r for r in regions if r.exercise == ex_id]
-        stubs[ex_id] = [stub_body(ex_id, r, (k + 1, len(mine)), lines) for k, r in enumerate(mine)]
-    return stubs
-
-
-def stubs_in(text):
-    return sorted(set(re.findall(r'raise NotImplementedError\("exercise (\w+): not started', text)))
-
-
-def parse_exercise_ids(spec):
-    ids = list(EXERCISES) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [i for i in ids if i not in EXERCISES]
-    if unknown or not ids:
-        raise ValueError(f"--exercises: unknown exercise(s) {', '.join(unknown) or '(none given)'}; expected 'all' "
-                         f"or ids separated by commas, from: {', '.join(EXERCISES)}")
-    return list(dict.fromkeys(ids))
-
-
-def removed_lines_left(folder, removed):
-    """[(line, file)] for each removed line of code still found in a file of `folder`. Lines too
-    generic to give anything away (under 20 characters: `else:`, `cfg = self.cfg`) are not counted."""
-    telling = {line.strip() for line in removed if len(line.strip()) >= 20}
-    found = []
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        present = {line.strip() for line in path.read_text(errors="replace").split("\n")}
-        found += [(line, path.name) for line in sorted(telling & present)]
-    return found
-
-
-def make_handout(ids, out, project=HERE, log=print):
-    """Write the project to `out` with the regions of `ids` replaced by stubs; check it first."""
-    out, project = Path(out), Path(project)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out}: exists and is not an empty directory; nothing written")
-    source = (project / "cogvla_mini.py").read_text()
-    bodies = region_bodies(source)
-    missing = [i for i in ids if i not in bodies]
-    if missing:
-        raise ValueError(f"{project / 'cogvla_mini.py'}: no region for exercise(s) {', '.join(missing)}")
-    stubbed = with_bodies(source, stub_bodies(source, ids))
-    removed = [line for i in ids for body in bodies[i] for line in body]
-    with tempfile.TemporaryDirectory() as tmp:
-        draft = Path(tmp) / "handout"
-        for name in PROJECT_FILES:
-            if (project / name).exists():
-                (draft / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(project / name, draft / name)
-        (draft / "cogvla_mini.py").write_text(stubbed)
-        rows = check_handout(draft, ids, source, removed, log)
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(draft, out, dirs_exist_ok=True)
-    log(f"handout written to {out}: {len(ids)} exercise(s) stubbed ({', '.join(ids)}); "
-        f"students check one with `python -m pytest -k <id>`, the whole with `python course.py grade`")
-    return rows
-
-
-def check_handout(draft, ids, source, removed, log):
-    """The handout's own checks; ValueError (and nothing written) on the first that fails."""
-    text = (draft / "cogvla_mini.py").read_text()
-    if [r.exercise for r in find_regions(text)] != [r.exercise for r in find_regions(source)]:
-        raise ValueError("handout check: the stubbed file's regions differ from the reference's; nothing written")
-    log("handout check 1/2: markers balanced, not nested; no removed line of code left in any file ...")
-    if leaks := removed_lines_left(draft, removed):
-        raise ValueError("handout check: removed lines still appear in the handout; nothing written\n" +
-                         "\n".join(f"  {file}: {line}" for line, file in leaks))
-    log("handout check 2/2: grading the handout: it must import, the chosen exercises be 'not started', "
-        "and no other fail ...")
-    rows = grade(draft, log=lambda *_: None)
-    if any(r["first_failure"].startswith("could not collect") for r in rows):
-        raise ValueError(f"handout check: the stubbed cogvla_mini.py does not import; nothing written\n"
-                         f"{rows[0]['first_failure']}")
-    def as_expected(row):
-        if row["total"] == 0:
-            return False
-        if row["exercise"] in ids:
-            return row["status"] == "not started"
-        blocker = re.match(r"blocked by exercise (\w+)", row["first_failure"])
-        return row["status"] == "passed" or row["status"] == "blocked" and blocker is not None and blocker[1] in ids
-
-    if wrong := [r for r in rows if not as_expected(r)]:
-        raise ValueError("handout check: grading the handout gave\n" + format_grade(wrong) + "\nnothing written")
-    return rows
-
-
-# ----------------------------------------------------------------------------- grading
-
-class ExerciseResults:
-    """A pytest plugin: run only the tests of the given exercises, and record each one's outcome."""
-
-    def __init__(self, exercises):
-        self.exercises, self.tests, self.errors = set(exercises), {}, []
-
-    def pytest_collection_modifyitems(self, config, items):
-        chosen = [i for i in items if getattr(getattr(i, "function", None), "exercise", None) in self.exercises]
-        config.hook.pytest_deselected(items=[i for i in items if i not in chosen])
-        items[:] = chosen
-        for item in chosen:
-            self.tests[item.nodeid] = {"exercise": item.function.exercise, "outcome": None, "message": ""}
-
-    def pytest_collectreport(self, report):
-        if report.failed:     # e.g. cogvla_mini.py does not import
-            lines = [line for line in report.longreprtext.strip().split("\n") if line.strip(" ^~")]
-            self.errors.append("could not collect the tests:\n" + "\n".join(lines[-4:]))
-
-    def pytest_runtest_logreport(self, report):
-        test = self.tests.get(report.nodeid)
-        if test is None or test["outcome"] not in (None, "passed"):
-            return
-        if report.failed:
-            text = report.longreprtext.strip()
-            crash = getattr(report.longrepr, "reprcrash", None)
-            if not text.startswith("exercise ") and crash is not None:    # the student's code raised: say where
-                text = f"{crash.message} (at {Path(crash.path).name}:{crash.lineno})"
-            own = f"exercise {test['exercise']}: not started"
-            test["outcome"], test["message"] = ("not started" if text.startswith(own) else "failed"), text
-        elif report.skipped:
-            reason = (report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr))
-            reason = reason.removeprefix("Skipped: ")
-            test["outcome"], test["message"] = ("blocked" if reason.startswith("blocked by") else "skipped"), reason
-        elif report.when == "call":
-            test["outcome"] = "passed"
-
-
-def run_exercise_tests(results_file, runs):
-    """In a process of its own (see grade, start): for each "WORKDIR=ID,ID" run those exercises' tests in
-    WORKDIR, which holds a cogvla_mini.py to grade, this test file and train_toy.py."""
-    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"     # no plugin of another project (this process only)
-    results = []
-    for run in runs:
-        workdir, ids = run.rsplit("=", 1)
-        for name in ("cogvla_mini", "bench", "course", "test_cogvla_mini"):
-            sys.modules.pop(name, None)                                 # import the workdir's copies
-        plugin = ExerciseResults(ids.split(","))
-        # Plain asserts (every exercise test says what failed) and no unraisable-exception plugin:
-        # its gc passes and pytest's assert rewriting cost ~1.3 s per run, 12 runs with --isolate.
-        code = pytest.main([str(Path(workdir) / "test_cogvla_mini.py"), "--assert=plain", "-p", "no:cacheprovider",
-                            "-p", "no:terminal", "-p", "no:unraisableexception"], plugins=[plugin])
-        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
-            plugin.errors.append(f"pytest stopped: {code!r}")
-        results.append({"exercises": ids.split(","), "tests": list(plugin.tests.values()), "errors": plugin.errors})
-    Path(results_file).write_text(json.dumps(results))
-
-
-GRADING_TIME_LIMIT = 600   # s; the reference's exercise tests take ~3 s: far more is a student's endless loop
-
-
-class GradingError(RuntimeError):
-    """The grading process failed or did not finish: the message says how."""
-
-
-def grade(student, reference=None, log=print):
-    """One row per exercise: status, tests passed of total, the first failure's message. With a
-    `reference` folder, each exercise runs on the reference's cogvla_mini.py with only that
-    exercise's regions taken from the student's, so one mistake does not fail every exercise
-    built on it."""
-    student = Path(student)
-    mine = (student / "cogvla_mini.py").read_text()
-    with tempfile.TemporaryDirectory() as tmp:
-        def workdir(name, text):
-            folder = Path(tmp) / name
-            folder.mkdir()
-            (folder / "cogvla_mini.py").write_text(text)
-            for helper in ("test_cogvla_mini.py", "course.py", "bench.py"):   # the grading file and what it imports
-                shutil.copy2(HERE / helper, folder / helper)
-            return str(folder)
-
-        if reference is None:
-            runs = [f"{workdir('all', mine)}={','.join(EXERCISES)}"]
-        else:
-            theirs = (Path(reference) / "cogvla_mini.py").read_text()
-            bodies = region_bodies(mine, str(student / "cogvla_mini.py"))
-            absent = [ex for ex in EXERCISES if ex not in bodies]
-            if absent:
-                raise ValueError(f"{student / 'cogvla_mini.py'}: no region for exercise(s) {', '.join(absent)}: "
-                                 f"its '# --- exercise <id>' marker lines must stay")
-            composed = {}                   # exercises whose composed files are identical run once, together
-            for ex in EXERCISES:
-                composed.setdefault(with_bodies(theirs, {ex: bodies[ex]}), []).append(ex)
-            runs = [f"{workdir(exs[0], text)}={','.join(exs)}" for text, exs in composed.items()]
-        log(f"grading {student / 'cogvla_mini.py'}" + (f" in isolation against {reference}" if reference else "")
-            + f": {len(EXERCISES)} exercises ...")
-        results_file, log_path = Path(tmp) / "results.json", Path(tmp) / "grading.log"
-        [code] = finish([start("run_exercise_tests", [str(results_file), runs], log_path)], GRADING_TIME_LIMIT)
-        output = log_path.read_text()
-        if code is None:    # the log holds the stacks, innermost call first
-            raise GradingError(f"the grading run did not finish within {GRADING_TIME_LIMIT} s (an endless loop?); "
-                               "where it was:\n" + "\n".join(output.splitlines()[:12]))
-        if not results_file.exists():
-            raise GradingError(f"the grading run failed (exit {code}):\n{output[-6000:]}")
-        results = json.loads(results_file.read_text())
-    return grade_rows(results, stubs_in(mine))
-
-
-def grade_rows(results, stubbed):
-    rows = []
-    for ex in EXERCISES:
-        ran = [r for r in results if ex in r["exercises"]]
-        tests = [t for r in ran for t in r["tests"] if t["exercise"] == ex and t["outcome"] != "skipped"]
-        errors = [e for r in ran for e in r["errors"]]
-        passed = sum(t["outcome"] == "passed" for t in tests)
-
-        def first(outcome):
-            """The first message of this outcome, preferring one that names a classic mistake."""
-            messages = [t["message"] for t in tests if t["outcome"] == outcome]
-            return next((m for m in messages if "likely mistake" in m), messages[0] if messages else "")
-
-        if errors:
-            status, message = "failed", errors[0]
-        elif first("failed"):
-            status, message = "failed", first("failed")
-        elif ex in stubbed or any(t["outcome"] == "not started" for t in tests):
-            status, message = "not started", first("not started") or first("blocked")
-        elif any(t["outcome"] == "blocked" for t in tests):
-            status, message = "blocked", first("blocked")
-        elif tests and passed == len(tests):
-            status, message = "passed", ""
-        else:
-            status, message = "failed", "no test of this exercise ran"
-        rows.append({"exercise": ex, "status": status, "passed": passed, "total": len(tests), "first_failure": message})
-    return rows
-
-
-def format_grade(rows):
-    lines = [f"{'exercise':<15} {'status':<12} {'tests':>6}  first failure"]
-    for r in rows:
-        message = r["first_failure"].split("\n")
-        lines.append(f"{r['exercise']:<15} {r['status']:<12} {r['passed']:>3}/{r['total']:<2}  {message[0]}")
-        lines += [" " * 38 + m.strip() for m in message[1:]]
-    return "\n".join(lines)
-
+# %% The command line ==========================================================================
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python course.py",
-                                     description="Course assignments cut from cogvla_mini.py (README: Course assignments).")
+    parser = argparse.ArgumentParser(prog="python course.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("exercises", help="list the exercises: id, minutes, depends on, statement")
-    h = sub.add_parser("handout", help="write a copy of the project with the chosen exercises stubbed")
+    sub.add_parser("exercises", help="list the exercises: id, points, depends on, statement")
+    h = sub.add_parser("handout", help="write a student's copy with the chosen exercises stubbed")
     h.add_argument("--exercises", required=True, help="'all', or ids separated by commas")
     h.add_argument("--out", required=True, help="a new or empty directory")
-    g = sub.add_parser("grade", help="grade a copy of the project: one row per exercise, then one JSON line")
-    g.add_argument("dir", nargs="?", default=str(HERE), help="the student's folder (default: this file's)")
-    g.add_argument("--isolate", metavar="REFERENCE", help="the reference folder: each exercise is graded with only "
-                   "its own regions from DIR and every other region from REFERENCE")
+    g = sub.add_parser("grade", help="grade a student's copy (one row per assigned exercise, then "
+                       "one JSON line), or with --class every copy under a folder")
+    g.add_argument("dir", nargs="?", default=None, help="the student's folder (default: this one)")
+    g.add_argument("--isolate", metavar="REFERENCE", help="the reference folder: each exercise is "
+                   "graded with only its own regions from DIR and every other one from REFERENCE")
+    g.add_argument("--class", dest="class_dir", metavar="FOLDER", help="grade every submission "
+                   "folder under FOLDER, each isolated against --reference")
+    g.add_argument("--reference", default=str(HERE), help="with --class: the reference folder "
+                   "(default: this one)")
+    g.add_argument("--csv", help="with --class: write the gradebook here")
+    g.add_argument("--exercises", help="grade these ('all' or ids separated by commas) instead of "
+                   "what the folder's handout.json assigns")
+    g.add_argument("--time-limit", type=float, default=GRADING_TIME_LIMIT,
+                   help="seconds per submission before its grading is stopped")
     args = parser.parse_args(argv)
+
+    def say(message):
+        print(message, file=sys.stderr, flush=True)
     try:
         if args.command == "exercises":
-            print(f"{'id':<15} {'min':>3}  {'depends on':<24} statement")
+            print(f"{'id':<15} {'pts':>3}  {'depends on':<24} statement")
             for ex_id, ex in EXERCISES.items():
                 depends = ", ".join(ex.depends) if len(ex.depends) < 3 else "most of the decoder"
-                print(f"{ex_id:<15} {ex.minutes:>3}  {depends or '-':<24} {ex.statement}")
-        elif args.command == "handout":
-            make_handout(parse_exercise_ids(args.exercises), args.out)
+                print(f"{ex_id:<15} {ex.points:>3}  {depends or '-':<24} {ex.statement}")
             return 0
-        elif args.command == "grade":
-            rows = grade(args.dir, args.isolate, log=lambda m: print(m, file=sys.stderr))
-            print(format_grade(rows))
-            print(json.dumps({"exercises": rows, "passed": sum(r["status"] == "passed" for r in rows),
-                              "total": len(rows)}))
-            return 0 if all(r["status"] == "passed" for r in rows) else 1
-    except (ValueError, FileNotFoundError, GradingError) as err:
+        if args.command == "handout":
+            make_handout(parse_exercise_ids(args.exercises), args.out, log=say)
+            return 0
+        ids = parse_exercise_ids(args.exercises) if args.exercises else None
+        if args.class_dir:
+            if args.dir or args.isolate:
+                raise UsageError("grade --class grades every folder under FOLDER against --reference: "
+                                 "leave out DIR and --isolate")
+            book = grade_class(args.class_dir, args.reference, ids, args.csv, args.time_limit, log=say)
+            return 0 if all(b["points"] == b["total"] for b in book) else 1
+        folder = args.dir or str(HERE)
+        if args.isolate:
+            check_reference(args.isolate, assigned(submission_folder(folder, "grade: DIR"), ids), say)
+        try:
+            rows = grade(folder, args.isolate, ids, args.time_limit, log=say)
+        except GradingError as err:
+            print(f"cannot grade {folder}: {err}", file=sys.stderr)
+            return 1
+        print(format_grade(rows))
+        print(json.dumps(grade_summary(rows)))
+        return 0 if all(r["status"] == "passed" for r in rows) else 1
+    except (UsageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
-
-
-def wrap_tests(namespace):
-    """Every test runs inside stubs_block (see `graded`), so that in a handout an exercise not yet
-    written skips the tests it blocks instead of failing them. A test file calls this once, at its end."""
-    for name, test in list(namespace.items()):
-        if name.startswith("test_") and inspect.isfunction(test):
-            namespace[name] = graded(test)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module `course`, which the test files import and register their tests with,
+    # not as a second copy named __main__.
+    sys.exit(importlib.import_module("course").main())

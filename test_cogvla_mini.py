@@ -2,9 +2,12 @@
 device-parametrised ones run on CUDA too when there is one."""
 
 import dataclasses
+import functools
 import json
+import inspect
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import bench
 import cogvla_mini as cm
 import course
 from cogvla_mini import CogVLA, CogVLAConfig
-from course import assert_close, exercise, stubs_block
+from course import Case, assert_close, exercise, stubs_block
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                   reason="no CUDA device"))]
@@ -60,16 +63,19 @@ def tiny():
 # are compared at 1e-10; anything through them at 2e-5 (observed error ~1e-6; every planted bug
 # moved the output by far more).
 TOL64 = 1e-10   # float64 end to end
-
-
 TOL32 = 2e-5    # through the float32 norm / RoPE angles / softmax (observed error ~1e-6)
 
 
-def small_cfg(**overrides):
-    """The source's structure at a tiny layout: N = 1 + 16 vision + 6 text + 2 state + 12 queries = 37."""
+def small(**overrides):
+    """The source's structure at a tiny layout, as overrides of CogVLAConfig.tiny():
+    N = 1 + 16 vision + 6 text + 2 state + 12 queries = 37."""
     base = dict(n_layers=2, schedule={1: 0.3}, n_heads=4, n_kv_heads=2, n_images=2, n_agg_tokens=8,
                 n_text=6, n_state=2, chunk_len=3, action_dim=4)
-    return cm.CogVLAConfig.tiny(**{**base, **overrides})
+    return {**base, **overrides}
+
+
+def small_cfg(**overrides):
+    return cm.CogVLAConfig.tiny(**small(**overrides))
 
 
 def gen(seed):
@@ -235,46 +241,40 @@ def ref_rmsnorm(x, weight, eps):
 
 
 @exercise("rmsnorm")
-@pytest.mark.parametrize("eps", [1e-5, 0.1])
-def test_rmsnorm_is_x_over_sqrt_mean_square_plus_eps_times_weight(eps):
-    norm = cm.RMSNorm(24, eps).double()
-    with torch.no_grad():
-        norm.weight.copy_(randn(24, seed=1) + 1)
-    w = norm.weight.detach()
-    for scale in (1.0, 1e-2):   # at 1e-2 the mean square (1e-4) is comparable to eps: its place matters
-        x = randn(3, 5, 24, seed=2, scale=scale)
-        want = w * (x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps))
-        got = norm(x)
-        assert got.dtype == torch.float64, f"float64 in: expected a float64 output, got {got.dtype}"
-        # Outputs are O(1) and normalised in float32 (relative error ~1e-7): 1e-5 absolute is float32's room.
-        assert_close(got, want, 1e-5, f"RMSNorm(24, eps={eps}) on x of scale {scale}", {"x": x}, {
-            "eps outside the square root, x / (sqrt(mean(x^2)) + eps)":
-                lambda: w * (x / (torch.sqrt((x ** 2).mean(-1, keepdim=True)) + eps)),
-            "the mean over the wrong dim (not the last)":
-                lambda: w * (x / torch.sqrt((x ** 2).mean(-2, keepdim=True) + eps)),
-            "the weight left out": lambda: x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps)})
+def test_rmsnorm_is_x_over_sqrt_mean_square_plus_eps_times_weight():
+    w = randn(24, seed=1) + 1
+    cases = []
+    for eps in (1e-5, 0.1):
+        for scale in (1.0, 1e-2):   # at 1e-2 the mean square (1e-4) is comparable to eps: its place matters
+            x = randn(3, 5, 24, seed=2, scale=scale)
+            ms = (x ** 2).mean(-1, keepdim=True)
+            # Outputs are O(1) and normalised in float32 (relative error ~1e-7): 1e-5 is float32's room.
+            cases.append(Case(f"RMSNorm(24, eps={eps}) on x of scale {scale}", "rmsnorm",
+                              dict(x=x, weight=w, eps=eps), {"out": w * (x / torch.sqrt(ms + eps))},
+                              {"out": 1e-5}, dtypes={"out": "torch.float64"}, mistakes={
+                "eps outside the square root, x / (sqrt(mean(x^2)) + eps)": {"out": w * x / (ms.sqrt() + eps)},
+                "the mean over the wrong dim (not the last)":
+                    {"out": w * x / torch.sqrt((x ** 2).mean(-2, keepdim=True) + eps)},
+                "the weight left out": {"out": x / torch.sqrt(ms + eps)},
+                "a sum of squares where their mean is meant":
+                    {"out": w * x / torch.sqrt((x ** 2).sum(-1, keepdim=True) + eps)}}))
+    return cases
 
 
 @exercise("rmsnorm")
 def test_rmsnorm_on_bf16_normalises_in_float32_and_casts_back_before_the_weight():
-    norm = cm.RMSNorm(64, 1e-5).to(torch.bfloat16)
-    with torch.no_grad():
-        norm.weight.copy_((1 + randn(64, seed=3)).to(torch.bfloat16))
+    w = (1 + randn(64, seed=3)).to(torch.bfloat16)
     x = (randn(4, 9, 64, seed=4) * 3).to(torch.bfloat16)
-    got = norm(x)
-    assert got.dtype == torch.bfloat16, f"bf16 in: expected a bf16 output, got {got.dtype}"
     x32 = x.float()
-    normed = (x32 / torch.sqrt((x32 ** 2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
-    want = norm.weight.detach() * normed                                   # bf16 x bf16, like LlamaRMSNorm
-    n_diff = (got != want).sum().item()
-    # float32 rsqrt vs 1/sqrt may move the float32 value by an ulp, which can flip a bf16 rounding
-    # at most rarely; a scale applied before the cast (double rounding) changes ~10% of the values.
-    if n_diff > 3:
-        early = (norm.weight.detach().float() * x32 / torch.sqrt((x32 ** 2).mean(-1, keepdim=True) + 1e-5))
-        named = ("\n  likely mistake: the weight applied before the cast back to bf16"
-                 if (got.float() - early.to(torch.bfloat16).float()).abs().max() == 0 else "")
-        raise AssertionError(f"RMSNorm on bf16 x {list(x.shape)}: expected weight * bf16(float32-normalised x) "
-                             f"elementwise, {n_diff} of {got.numel()} values differ{named}")
+    normed = x32 / torch.sqrt((x32 ** 2).mean(-1, keepdim=True) + 1e-5)
+    in_bf16 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)            # every step in bf16
+    # float32 rsqrt vs 1/sqrt may move a float32 value by an ulp, which can flip a bf16 rounding, rarely:
+    # up to 3 of 2304 values may differ. A weight applied before the cast (double rounding) changes ~10%.
+    return Case(f"RMSNorm(64) on bf16 x {list(x.shape)}: weight * bf16(float32-normalised x), elementwise",
+                "rmsnorm", dict(x=x, weight=w, eps=1e-5), {"out": w * normed.to(torch.bfloat16)}, {"out": 0.0},
+                dtypes={"out": "torch.bfloat16"}, allowed_off=3, mistakes={
+        "the weight applied before the cast back to bf16": {"out": (w.float() * normed).to(torch.bfloat16)},
+        "normalised in bf16, not float32": {"out": w * in_bf16}})
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -301,22 +301,22 @@ def float64_cos_sin(positions, head_dim, theta):
 @exercise("rope")
 def test_rotary_cos_sin_are_position_times_theta_pow_minus_2i_over_dh_in_rotate_half_layout():
     cfg = small_cfg()
-    rope = cm.RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
     pos = torch.tensor([[0, 1, 2, 7, 30, 36], [5, 0, 3, 3, 11, 1]])
-    cos, sin = rope(pos, torch.float64)
-    assert cos.dtype == sin.dtype == torch.float64, f"expected the requested dtype float64, got {cos.dtype}"
     angle = pos.double()[..., None] * ref_inv_freq(cfg.head_dim, cfg.rope_theta)   # [B, N, Dh/2]
     wrong_exp = pos.double()[..., None] * cfg.rope_theta ** (-torch.arange(cfg.head_dim // 2) / cfg.head_dim)
+
+    def layout(f, a):
+        return torch.cat([f(a), f(a)], -1)
     # Angles up to 36 rad in float32 (ulp ~4e-6): 1e-5 is float32's room, far below any mistake.
-    for name, f in (("cos", torch.cos), ("sin", torch.sin)):
-        other = torch.sin if f is torch.cos else torch.cos
-        assert_close(cos if name == "cos" else sin, torch.cat([f(angle), f(angle)], -1), 1e-5,
-                     f"RotaryEmbedding(head_dim={cfg.head_dim}) {name} (float32 angles)",
-                     {"position_ids": pos}, {
-            "cos and sin swapped": lambda: torch.cat([other(angle), other(angle)], -1),
-            "each frequency repeated in place (repeat_interleave), not cat([freqs, freqs])":
-                lambda: f(angle).repeat_interleave(2, dim=-1),
-            "theta^(-i/Dh) instead of theta^(-2i/Dh)": lambda: torch.cat([f(wrong_exp), f(wrong_exp)], -1)})
+    return Case(f"RotaryEmbedding(head_dim={cfg.head_dim}) cos and sin (float32 angles)", "rope_cos_sin",
+                dict(head_dim=cfg.head_dim, theta=cfg.rope_theta, position_ids=pos, dtype="float64"),
+                {"cos": layout(torch.cos, angle), "sin": layout(torch.sin, angle)}, {"cos": 1e-5, "sin": 1e-5},
+                dtypes={"cos": "torch.float64", "sin": "torch.float64"}, mistakes={
+        "cos and sin swapped": {"cos": layout(torch.sin, angle), "sin": layout(torch.cos, angle)},
+        "each frequency repeated in place (repeat_interleave), not cat([freqs, freqs])":
+            {"cos": angle.cos().repeat_interleave(2, -1), "sin": angle.sin().repeat_interleave(2, -1)},
+        "theta^(-i/Dh) instead of theta^(-2i/Dh)":
+            {"cos": layout(torch.cos, wrong_exp), "sin": layout(torch.sin, wrong_exp)}})
 
 
 @exercise("rope")
@@ -324,59 +324,49 @@ def test_apply_rope_is_a_complex_rotation_of_pairs_i_and_i_plus_half():
     B, H, N, Dh = 2, 3, 7, 16
     x = randn(B, H, N, Dh, seed=5)
     pos = torch.tensor([[0, 1, 2, 3, 9, 20, 41], [3, 3, 0, 8, 1, 2, 100]])
-    angle = pos.double()[..., None] * ref_inv_freq(Dh, 10000.0)
-    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
-    got = cm.apply_rope(x, cos, sin)
+    cos, sin = float64_cos_sin(pos, Dh, 10000.0)
     x1, x2 = x[..., :Dh // 2], x[..., Dh // 2:]
     evens, odds = x[..., 0::2], x[..., 1::2]
     c, s = cos[:, None], sin[:, None]
-    mistakes = {
-        "rotate_half with the minus on the wrong half, cat([x2, -x1])": lambda: x * c + torch.cat([x2, -x1], -1) * s,
-        "rotate_half without the minus, cat([x2, x1])": lambda: x * c + torch.cat([x2, x1], -1) * s,
-        "neighbours (2i, 2i+1) paired instead of halves (i, i + Dh/2)":
-            lambda: x * c + torch.stack([-odds, evens], -1).flatten(-2) * s,
-        "cos and sin swapped": lambda: x * s + torch.cat([-x2, x1], -1) * c}
     want = torch.stack([ref_rope(x[b], pos[b], 10000.0) for b in range(B)])
-    assert_close(got, want, TOL64, "apply_rope", {"x": x, "cos": cos, "sin": sin}, mistakes)
+    return Case("apply_rope", "apply_rope", dict(x=x, cos=cos, sin=sin), {"out": want}, {"out": TOL64}, mistakes={
+        "rotate_half with the minus on the wrong half, cat([x2, -x1])": {"out": x * c + torch.cat([x2, -x1], -1) * s},
+        "rotate_half without the minus, cat([x2, x1])": {"out": x * c + torch.cat([x2, x1], -1) * s},
+        "neighbours (2i, 2i+1) paired instead of halves (i, i + Dh/2)":
+            {"out": x * c + torch.stack([-odds, evens], -1).flatten(-2) * s},
+        "cos and sin swapped": {"out": x * s + torch.cat([-x2, x1], -1) * c}})
 
 
 @exercise("rope")
 def test_rope_score_depends_only_on_the_position_offset():
-    rope = cm.RotaryEmbedding(16, 10000.0)
+    """q.k after RoPE at positions (m, n) is the reference's rotation, so it depends on m - n only:
+    (7, 3), (107, 103) and (4, 0) give one score, (7, 4) another."""
     torch.manual_seed(5)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
-
-    def score(m, n):
-        cq, sq = rope(torch.tensor([[m]]), torch.float32)
-        ck, sk = rope(torch.tensor([[n]]), torch.float32)
-        return (cm.apply_rope(q, cq, sq) * cm.apply_rope(k, ck, sk)).sum().item()
-
-    what = "q.k after RoPE at positions (m, n) must depend on m - n only"
-    assert score(7, 3) == pytest.approx(score(107, 103), abs=1e-4), \
-        f"{what}: (7, 3) gives {score(7, 3):.5f}, (107, 103) gives {score(107, 103):.5f}"
-    assert score(7, 3) == pytest.approx(score(4, 0), abs=1e-4), \
-        f"{what}: (7, 3) gives {score(7, 3):.5f}, (4, 0) gives {score(4, 0):.5f}"
-    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3), \
-        f"{what}, and change with it: (7, 3) and (7, 4) both give {score(7, 3):.5f}"
+    pairs = torch.tensor([[7, 3], [107, 103], [4, 0], [7, 4]])
+    want = torch.stack([(ref_rope(q[0, 0], torch.tensor([m]), 1e4) * ref_rope(k[0, 0], torch.tensor([n]), 1e4)).sum()
+                        for m, n in pairs.tolist()])
+    assert abs(want[0] - want[1]) < 1e-9 and abs(want[0] - want[2]) < 1e-9 and abs(want[0] - want[3]) > 1e-3
+    # RoPE in float32 at positions up to 107: 1e-4 is float32's room for a sum of 16 products.
+    return Case("q.k after RoPE for the position pairs (7, 3), (107, 103), (4, 0), (7, 4)", "rope_scores",
+                dict(q=q, k=k, pairs=pairs, head_dim=16, theta=10000.0), {"scores": want}, {"scores": 1e-4})
 
 
 @exercise("rope")
 def test_rope_stays_float32_inside_a_bf16_model():
-    cfg = CogVLAConfig.tiny(d_model=256, n_heads=2, n_kv_heads=2, n_layers=1, schedule={})  # head dim 128, as at full size
-    rope = cm.LlamaDecoder(cfg).to(torch.bfloat16).rotary_emb
+    cfg = dict(d_model=256, n_heads=2, n_kv_heads=2, n_layers=1, schedule={})   # head dim 128, as at full size
     pos = torch.arange(256)[None]
-    cos, sin = rope(pos, torch.bfloat16)
-    assert cos.dtype == sin.dtype == torch.bfloat16, \
-        f"rope(positions, torch.bfloat16): expected cos and sin in bfloat16 (cast at the end), got {cos.dtype}, {sin.dtype}"
-    # Independent float64 angles: position x theta^(-2i/Dh), in the rotate-half layout.
-    inv_freq = cfg.rope_theta ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
-    angles = (pos[0, :, None].double() * inv_freq).repeat(1, 2)                 # [N, Dh]
+    inv_freq = 10000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    angles = (pos[..., None].double() * inv_freq).repeat(1, 1, 2)               # [1, N, Dh] float64
+    bf16 = torch.bfloat16                       # the mistake: every step in the dtype asked for
+    rounded = pos.to(bf16)[..., None] * (1.0 / 10000.0 ** (torch.arange(0, 128, 2, dtype=bf16) / 128))
+    rounded = torch.cat([rounded, rounded], -1)
     # Only the final cast may round: bf16 keeps 8 bits, so |error| <= 2^-8 of a value <= 1.
-    for got, want in ((cos, angles.cos()), (sin, angles.sin())):
-        err = (got[0].double() - want).abs().max().item()
-        cause = ("rounding inside (a bf16 inv_freq gives ~0.3 at position 255)" if err < 0.5 else
-                 "far more than bf16 could: the angles themselves are wrong (see the rope test of cos and sin)")
-        assert err <= 2 ** -8, f"bf16 RoPE off by {err:.4f}: {cause}"
+    return Case("cos and sin of a bf16 model's RotaryEmbedding, against float64 angles", "rope_in_bf16_model",
+                dict(cfg=cfg, position_ids=pos), {"cos": angles.cos(), "sin": angles.sin()},
+                {"cos": 2 ** -8, "sin": 2 ** -8}, dtypes={"cos": "torch.bfloat16", "sin": "torch.bfloat16"},
+                mistakes={"the frequencies and angles computed in bf16 (compute them in float32, cast at the end)":
+                          {"cos": rounded.cos(), "sin": rounded.sin()}})
 
 
 # ----------------------------------------------------------------------------- masks
@@ -399,18 +389,20 @@ def naive_bool_mask(cfg, token_positions):
 
 
 @exercise("causal_mask")
-@pytest.mark.parametrize("mask_kind", ["causal", "catten"])
-def test_causal_mask_is_causal_plus_action_segment_both_ways(mask_kind):
-    cfg = small_cfg(mask_kind=mask_kind)
+def test_causal_mask_is_causal_plus_action_segment_both_ways():
     idx = torch.tensor([[0, 3, 16, 17, 22, 23, 24, 30, 36], [0, 1, 2, 20, 21, 23, 25, 26, 35]])
-    got = cm.attention_mask(cfg, idx)
-    want = naive_bool_mask(cfg, idx)
-    assert got.dtype == torch.bool, f"attention_mask: expected a bool ('may attend') mask, got {got.dtype}"
-    assert_close(got.int(), want.int(), 0, f"attention_mask ({mask_kind}) on kept positions {idx.tolist()}, "
-                 f"1 = may attend", {"token_idx": idx}, {
-        "mask transposed (row = key, column = query: the future is visible)": lambda: want.transpose(-1, -2).int(),
-        "row and column numbers compared, not the positions they hold":
-            lambda: naive_bool_mask(cfg, torch.arange(idx.shape[1]).expand_as(idx)).int()})
+    cases = []
+    for mask_kind in ("causal", "catten"):
+        cfg = small_cfg(mask_kind=mask_kind)
+        want = naive_bool_mask(cfg, idx)
+        mistakes = {"mask transposed (row = key, column = query: the future is visible)": {"mask": want.transpose(-1, -2)}}
+        if mask_kind == "catten":   # on sorted indices, row numbers compared give the causal mask: the same output
+            mistakes["the action segment left causal: mask_kind 'catten' ignored, or row and column numbers compared "
+                     "where the positions they hold are meant"] = {"mask": naive_bool_mask(small_cfg(), idx)}
+        cases.append(Case(f"attention_mask ({mask_kind}) on kept positions {idx.tolist()}, 1 = may attend",
+                          "attention_mask", dict(cfg=small(mask_kind=mask_kind), token_idx=idx), {"mask": want},
+                          {"mask": 0}, dtypes={"mask": "torch.bool"}, mistakes=mistakes))
+    return cases
 
 
 def test_catten_action_tokens_see_each_other_and_earlier_tokens_never_see_them():
@@ -447,17 +439,20 @@ def test_gathered_mask_is_the_kept_rows_and_columns_of_the_full_mask(mask_kind):
 
 # ----------------------------------------------------------------------------- attention
 
-def ref_attention(attn, x, rope_positions, token_positions, cfg, gqa="consecutive"):
+def ref_attention(attn, x, rope_positions, token_positions, cfg, gqa="consecutive", softmax_over="keys",
+                  scale=None):
     """Explicit loops over batch, heads and query positions. x [B, N, D] float64; rope_positions
     [B, N] the positions RoPE uses; token_positions [B, N] the sequence positions the mask uses.
-    gqa="strided" is the classic mistake: query head h on key/value head h % n_kv_heads."""
+    Classic mistakes: gqa="strided" (query head h on key/value head h % n_kv_heads),
+    softmax_over="queries" (each key's scores normalised over the queries), scale=D (scores
+    divided by sqrt(D) instead of sqrt(Dh))."""
     B, N, D = x.shape
     H, Hkv, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads
-    Wq, Wk, Wv, Wo = (m.weight.double() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    Wq, Wk, Wv, Wo = (m.weight.detach().double() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
     out = torch.zeros(B, N, H * Dh, dtype=torch.float64)
     for b in range(B):
         tok = token_positions[b].tolist()
-        allowed = [torch.tensor([j for j in range(N) if ref_may_attend(cfg, tok[i], tok[j])]) for i in range(N)]
+        allowed = torch.tensor([[ref_may_attend(cfg, tok[i], tok[j]) for j in range(N)] for i in range(N)])
         for h in range(H):
             kvh = h // (H // Hkv) if gqa == "consecutive" else h % Hkv        # GQA: consecutive query heads share
             q = x[b] @ Wq[h * Dh:(h + 1) * Dh].T                               # [N, Dh]
@@ -465,29 +460,36 @@ def ref_attention(attn, x, rope_positions, token_positions, cfg, gqa="consecutiv
             v = x[b] @ Wv[kvh * Dh:(kvh + 1) * Dh].T
             q = ref_rope(q, rope_positions[b], cfg.rope_theta)
             k = ref_rope(k, rope_positions[b], cfg.rope_theta)
-            for i in range(N):
-                scores = k[allowed[i]] @ q[i] / math.sqrt(Dh)                   # [allowed keys]
-                p = torch.exp(scores - scores.max())
-                out[b, i, h * Dh:(h + 1) * Dh] = (p / p.sum()) @ v[allowed[i]]
+            scores = q @ k.T / math.sqrt(scale or Dh)                          # [N queries, N keys]
+            e = torch.where(allowed, torch.exp(scores - scores.max()), 0.0)    # exp, 0 where not allowed
+            probs = e / e.sum(dim=1 if softmax_over == "keys" else 0, keepdim=True)
+            out[b, :, h * Dh:(h + 1) * Dh] = probs @ v
     return out @ Wo.T
 
 
 @exercise("attention")
-@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
-@pytest.mark.parametrize("mask_kind", ["causal", "catten"])
-def test_attention_matches_per_head_loops_with_gqa_h_over_group(mask_kind, attn_impl):
-    cfg = small_cfg(mask_kind=mask_kind, attn_impl=attn_impl)
-    torch.manual_seed(0)
-    attn = cm.Attention(cfg).double()
-    x = randn(2, cfg.seq_len, cfg.d_model, seed=6)
-    pos = torch.arange(cfg.seq_len)[None].expand(2, -1)
-    cos, sin = float64_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
-    got = attn(x, cos, sin, naive_bool_mask(cfg, pos))
-    tol = 1e-6 if attn_impl == "math" else TOL64      # "math" takes its softmax in float32
-    assert_close(got, ref_attention(attn, x, pos, pos, cfg), tol, f"Attention ({mask_kind}, {attn_impl})",
-                 {"x": x, "cos": cos, "sin": sin}, {
-        "GQA heads repeated in the wrong order (query head h on key/value head h % n_kv_heads)":
-            lambda: ref_attention(attn, x, pos, pos, cfg, gqa="strided")})
+def test_attention_matches_per_head_loops_with_gqa_h_over_group():
+    cases = []
+    for mask_kind in ("causal", "catten"):
+        for attn_impl in ("math", "sdpa"):
+            over = small(mask_kind=mask_kind, attn_impl=attn_impl)
+            cfg = cm.CogVLAConfig.tiny(**over)
+            torch.manual_seed(0)
+            attn = cm.Attention(cfg).double()
+            x = randn(2, cfg.seq_len, cfg.d_model, seed=6)
+            pos = torch.arange(cfg.seq_len)[None].expand(2, -1)
+            cos, sin = float64_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+            ref = functools.partial(ref_attention, attn, x, pos, pos, cfg)
+            cases.append(Case(f"Attention ({mask_kind}, {attn_impl})", "attention",
+                              dict(cfg=over, state=attn.state_dict(), x=x, cos=cos, sin=sin, mask=naive_bool_mask(cfg, pos)),
+                              {"out": ref()}, {"out": 1e-6 if attn_impl == "math" else TOL64}, mistakes={
+                "GQA heads repeated in the wrong order (query head h on key/value head h % n_kv_heads)":
+                    {"out": lambda ref=ref: ref(gqa="strided")},
+                "the softmax taken over the queries (dim -2), not over the keys (dim -1)":
+                    {"out": lambda ref=ref: ref(softmax_over="queries")},
+                "the scores divided by sqrt(d_model), not by sqrt(head_dim)":
+                    {"out": lambda ref=ref, cfg=cfg: ref(scale=cfg.d_model)}}))
+    return cases
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -545,16 +547,21 @@ def test_swiglu_mlp_is_down_of_silu_gate_times_up():
     mlp = cm.MLP(cfg).double()
     x = randn(2, 5, cfg.d_model, seed=7)
     gate, up = ref_linear(mlp.gate_proj, x), ref_linear(mlp.up_proj, x)
-    assert_close(mlp(x), ref_mlp(mlp, x), TOL64, "SwiGLU MLP", {"x": x}, {
-        "SiLU on the up branch instead of the gate": lambda: ref_linear(mlp.down_proj, gate * ref_silu(up)),
-        "gate and up added, not multiplied": lambda: ref_linear(mlp.down_proj, ref_silu(gate) + up)})
+
+    def down(h):
+        return ref_linear(mlp.down_proj, h)
+    return Case("SwiGLU MLP", "mlp", dict(cfg=small(), state=mlp.state_dict(), x=x), {"out": ref_mlp(mlp, x)},
+                {"out": TOL64}, mistakes={
+        "SiLU on the up branch instead of the gate": {"out": down(gate * ref_silu(up))},
+        "gate and up added, not multiplied": {"out": down(ref_silu(gate) + up)},
+        "GELU where SiLU is meant": {"out": down(ref_gelu(gate) * up)}})
 
 
 # ----------------------------------------------------------------------------- the block and the dense decoder
 
 def ref_block(layer, x, rope_positions, token_positions, cfg, mlp_weight=None, weight_on="mlp"):
-    """Pre-norm Llama block; mlp_weight [B, N] scales the MLP output only (weight_on="attention":
-    the classic mistake of scaling the attention output instead)."""
+    """Pre-norm Llama block; mlp_weight [B, N] scales the MLP output only (classic mistakes:
+    weight_on="attention", scaling the attention output instead; weight_on=None, no scaling)."""
     eps = cfg.rms_eps
     a = ref_attention(layer.self_attn, ref_rmsnorm(x, layer.input_layernorm.weight, eps),
                       rope_positions, token_positions, cfg)
@@ -635,13 +642,15 @@ def test_decoder_matches_transformers_llama():
 
 # ----------------------------------------------------------------------------- Phase 1: the router
 
-def ref_router_keep_prob(router, h, cfg, film="1 + gamma", filmed=None):
+def ref_router_keep_prob(router, h, cfg, film="1 + gamma", filmed=None, text_from="text"):
     """h: input-normed hidden [B, N, D] -> keep probability [B, N]; FiLM on the vision slice only.
-    film="gamma" (x * gamma + beta) and filmed=range(N) (every token) are classic mistakes."""
+    Classic mistakes: film="gamma" (x * gamma + beta), filmed=range(N) (every token FiLMed),
+    text_from="all" (FiLM from the mean of every token, not of the text)."""
     B, N, D = h.shape
     feats = h.clone()
     if cfg.router_film:
-        text = h[:, cfg.text_start:cfg.action_start].sum(1) / cfg.n_text      # [B, D]
+        text = (h[:, cfg.text_start:cfg.action_start].sum(1) / cfg.n_text if text_from == "text"
+                else h.sum(1) / N)                                              # [B, D]
         fs, fb = router.film_scale, router.film_shift
         gamma = ref_linear(fs[2], ref_gelu(ref_linear(fs[0], text)))
         beta = ref_linear(fb[2], ref_gelu(ref_linear(fb[0], text)))
@@ -659,15 +668,14 @@ def test_router_keep_probability_uses_film_on_vision_only():
     llm = make_llm(cfg)
     router = llm.layers[1].router
     h = randn(2, cfg.seq_len, cfg.d_model, seed=14)
-    with torch.no_grad():
-        got = router(h)
-    assert_close(got, ref_router_keep_prob(router, h, cfg), TOL64, "router keep probability", {"h": h}, {
+    ref = functools.partial(ref_router_keep_prob, router, h, cfg)
+    return Case("router keep probability", "router", dict(cfg=small(), state=router.state_dict(), h=h),
+                {"keep_prob": ref()}, {"keep_prob": TOL64}, mistakes={
         "FiLM as x * gamma + beta (not the identity when gamma = beta = 0: use 1 + gamma)":
-            lambda: ref_router_keep_prob(router, h, cfg, film="gamma"),
-        "FiLM applied to every token, not only the vision slice":
-            lambda: ref_router_keep_prob(router, h, cfg, filmed=range(cfg.seq_len)),
-        "the drop probability (column 0) returned, not keep (column 1)":
-            lambda: 1 - ref_router_keep_prob(router, h, cfg)})
+            {"keep_prob": ref(film="gamma")},
+        "FiLM applied to every token, not only the vision slice": {"keep_prob": ref(filmed=range(cfg.seq_len))},
+        "the drop probability (column 0) returned, not keep (column 1)": {"keep_prob": 1 - ref()},
+        "FiLM read from the mean of every token, not of the text tokens": {"keep_prob": ref(text_from="all")}})
 
 
 def test_keep_scores_come_from_the_filmed_vision_tokens_and_the_rest_as_they_are():
@@ -774,7 +782,7 @@ def test_n_kept_tokens_is_all_tokens_minus_the_dropped_vision_floor():
 @exercise("select")
 def test_select_forces_bos_and_all_non_vision_and_drops_the_worst_vision_at_both_ends():
     cfg = small_cfg()
-    N, V = cfg.seq_len, cfg.n_vision
+    N = cfg.seq_len
     k = ref_n_kept(cfg, 0.5)
     rows = []
     for seed, worst in ((10, [cfg.vision_start]), (11, [cfg.text_start - 1]),
@@ -785,24 +793,20 @@ def test_select_forces_bos_and_all_non_vision_and_drops_the_worst_vision_at_both
             p[t] = 0.01 + 0.001 * t                                       # the first / last vision tokens worst
         rows.append(p)
     keep_prob = torch.stack(rows)
-    before = keep_prob.clone()
-    got = cm.select(keep_prob, k, cfg)
-    assert torch.equal(keep_prob, before), \
-        "select changed keep_prob in place: force with a new tensor (keep_prob + force); the layer still needs it"
-    assert tuple(got.shape) == (3, k), f"select(keep_prob [3, {N}], k={k}): expected indices [3, {k}], got {list(got.shape)}"
-    for b in range(keep_prob.shape[0]):
-        want = ref_select(keep_prob[b], k, cfg)
-        row = got[b].tolist()
-        mistake = ""
-        if sorted(row) == want:
-            mistake = "top-k indices left in score order: sort them (idx.sort) so the kept tokens stay in sequence order"
-        elif sorted(row) == sorted(keep_prob[b].topk(k).indices.tolist()):
-            mistake = "BOS, text and action not forced in: they score lowest here, add +inf to their scores first"
-        missing, extra = sorted(set(want) - set(row)), sorted(set(row) - set(want))
-        assert row == want, (f"select, row {b} of keep_prob [3, {N}] float64, k={k}: expected {len(want)} kept indices, "
-                             f"got {len(row)}; missing {missing} (BOS 0, vision {cfg.vision_start}..{cfg.text_start - 1}, "
-                             f"the rest from {cfg.text_start}), unexpected {extra}; got {row}"
-                             + (f"\n  likely mistake: {mistake}" if mistake else ""))
+    want = torch.tensor([ref_select(keep_prob[b], k, cfg) for b in range(3)])
+    force = torch.zeros(N, dtype=torch.float64)
+    force[0] = force[cfg.text_start:] = math.inf
+    by_score = (keep_prob + force).topk(k).indices
+    return Case(f"select(keep_prob [3, {N}] float64, k={k}): BOS is 0, the vision tokens {cfg.vision_start}.."
+                f"{cfg.text_start - 1}, text and action from {cfg.text_start}", "select",
+                dict(cfg=small(), keep_prob=keep_prob, k=k), {"idx": want, "keep_prob": keep_prob},
+                {"idx": 0, "keep_prob": 0}, mistakes={
+        "top-k indices left in score order: the kept tokens must stay in sequence order (sort them)":
+            {"idx": by_score},
+        "BOS, text and action not forced in: they score lowest here": {"idx": keep_prob.topk(k).indices.sort().values},
+        "argsort of the top-k indices (their ranks), where sort (their values) is meant": {"idx": by_score.argsort()},
+        "keep_prob changed in place (force with a new tensor: the layer still needs it)":
+            {"keep_prob": keep_prob + force}})
 
 
 def test_only_vision_tokens_are_dropped_and_kept_indices_are_sorted_and_unique(tiny):
@@ -829,31 +833,31 @@ def kept_rows(seed, B=2, N=9, K=5):
 
 @exercise("gather_scatter")
 def test_gather_and_scatter_tokens_take_and_replace_the_kept_rows():
-    x, y = randn(2, 9, 6, seed=40), randn(2, 5, 6, seed=41)
-    x_before = x.clone()
+    x, y = randn(2, 9, 10, seed=40), randn(2, 5, 10, seed=41)
     idx = kept_rows(42)
-    inputs = {"x": x, "idx": idx, "y": y}
-    want_rows = torch.stack([x[b, idx[b]] for b in range(2)])                 # [B, K, D], row by row
-    assert_close(cm.gather_tokens(x, idx), want_rows, 0, "gather_tokens(x, idx)", inputs, {
-        "the rows taken from the first sample for every sample": lambda: x[0, idx],
-        "the columns (features) gathered, not the rows": lambda: torch.stack([x[b][:, idx[b]] for b in range(2)])})
+    rows = torch.stack([x[b, idx[b]] for b in range(2)])                      # [B, K, D], row by row
     want = x.clone()
     for b in range(2):
         for n, t in enumerate(idx[b].tolist()):
             want[b, t] = y[b, n]                                              # replaced: y holds the residual
-    got = cm.scatter_tokens(x, idx, y)
-    assert_close(got, want, 0, "scatter_tokens(x, idx, y)", inputs, {
-        "added instead of replaced (scatter_add, +=): the residual counted twice (x + y at the kept rows)":
-            lambda: want + (want != x) * x,
-        "the kept rows' values thrown away (only y, zeros elsewhere)": lambda: (want != x) * want})
-    assert torch.equal(x, x_before), "scatter_tokens changed x in place: return a new tensor (Tensor.scatter, not scatter_)"
+    kept = want != x
+    return [Case("gather_tokens(x, idx)", "gather_tokens", dict(x=x, idx=idx), {"out": rows}, {"out": 0}, mistakes={
+                "the rows taken from the first sample for every sample": {"out": x[0][idx]},
+                "the columns (features) gathered, not the rows": {"out": torch.stack([x[b][:, idx[b]] for b in range(2)])}}),
+            Case("scatter_tokens(x, idx, y)", "scatter_tokens", dict(x=x, idx=idx, y=y), {"out": want, "x": x},
+                 {"out": 0, "x": 0}, mistakes={
+                "added instead of replaced (scatter_add, +=): the residual counted twice (x + y at the kept rows)":
+                    {"out": want + kept * x},
+                "the kept rows' values thrown away (only y, zeros elsewhere)": {"out": kept * want},
+                "x itself changed (an in-place scatter_ or assignment into x): return a new tensor": {"x": want}})]
 
 
 # ----------------------------------------------------------------------------- the LFP layer (Phases 1-6)
 
 def ref_lfp_layer(layer, x, cfg, ratio, weight_on="mlp", add=False):
     """The whole LFP layer by hand: (output [B, N, D], kept indices per row, keep_prob [B, N]).
-    weight_on="attention" and add=True (scatter_add: the residual counted twice) are classic mistakes."""
+    Classic mistakes: weight_on="attention" or None (see ref_block) and add=True (scatter_add:
+    the residual counted twice)."""
     B, N, D = x.shape
     p = ref_router_keep_prob(layer.router, ref_rmsnorm(x, layer.input_layernorm.weight, cfg.rms_eps), cfg)
     k = ref_n_kept(cfg, ratio)
@@ -880,49 +884,48 @@ def lfp_layer_inputs(model, batch=2, seed=4):
 
 
 @exercise("lfp_layer")
-@pytest.mark.parametrize("position_mode", ["reindex", "original"])
-@pytest.mark.parametrize("mask_kind", ["causal", "catten"])
-def test_lfp_layer_matches_naive_scoring_choice_block_and_scatter(position_mode, mask_kind):
-    cfg = small_cfg(position_mode=position_mode, mask_kind=mask_kind)
-    llm = make_llm(cfg)
-    layer = llm.layers[1]
-    x = randn(3, cfg.seq_len, cfg.d_model, seed=13)
-    pos = torch.arange(cfg.seq_len)[None]
-    records = []
-    with torch.no_grad():
-        got = layer.forward_lfp(x, pos, llm.rotary_emb, records)
-    ratio = cfg.lfp_ratios[1]
-    want, kept, keep_prob = ref_lfp_layer(layer, x, cfg, ratio)
-    case = f"forward_lfp ({position_mode}, {mask_kind})"
-    assert len(records) == 1, f"{case}: expected one LFPRecord appended to `records`, got {len(records)}"
-    assert_close(records[0].keep_probs, keep_prob, 1e-6, f"{case}: the record's keep_probs", {"x": x})
-    for b in range(x.shape[0]):
-        assert records[0].kept_indices[b].tolist() == kept[b], \
-            f"{case}, row {b}: expected the record's kept indices {kept[b]}, got {records[0].kept_indices[b].tolist()}"
-        dropped = sorted(set(range(cfg.seq_len)) - set(kept[b]))
-        assert torch.equal(got[b, dropped], x[b, dropped]), \
-            f"{case}, row {b}: expected the dropped tokens {dropped} to leave the layer bit-exact unchanged"
-    other_mode = "original" if position_mode == "reindex" else "reindex"
-    # float32 norm, RoPE angles and softmax inside the float64 block: ~1e-6 observed (TOL32).
-    assert_close(got, want, TOL32, case, {"x": x}, {
-        "the router weight scales the attention output, not the MLP's":
-            lambda: ref_lfp_layer(layer, x, cfg, ratio, weight_on="attention")[0],
-        "added instead of replaced (scatter_add, +=): the kept tokens' residual counted twice":
-            lambda: ref_lfp_layer(layer, x, cfg, ratio, add=True)[0],
-        f"the kept tokens' RoPE positions as in position_mode={other_mode!r}":
-            lambda: ref_lfp_layer(layer, x, dataclasses.replace(cfg, position_mode=other_mode), ratio)[0]})
+def test_lfp_layer_matches_naive_scoring_choice_block_and_scatter():
+    cases = []
+    for position_mode in ("reindex", "original"):
+        for mask_kind in ("causal", "catten"):
+            over = small(position_mode=position_mode, mask_kind=mask_kind)
+            cfg = cm.CogVLAConfig.tiny(**over)
+            llm = make_llm(cfg)
+            layer, ratio = llm.layers[1], cfg.lfp_ratios[1]
+            x = randn(3, cfg.seq_len, cfg.d_model, seed=13)
+            want, kept, keep_prob = ref_lfp_layer(layer, x, cfg, ratio)
+            n_dropped = x.shape[0] * (cfg.seq_len - ref_n_kept(cfg, ratio))
+            ref = functools.partial(ref_lfp_layer, layer, x, cfg, ratio)
+            other = dataclasses.replace(cfg, position_mode="original" if position_mode == "reindex" else "reindex")
+            # float32 norm, RoPE angles and softmax inside the float64 block: ~1e-6 observed (TOL32).
+            cases.append(Case(f"forward_lfp ({position_mode}, {mask_kind})", "lfp_layer",
+                              dict(cfg=over, state=llm.state_dict(), x=x, layer=1),
+                              {"keep_probs": keep_prob, "kept_indices": torch.tensor(kept),
+                               "dropped rows changed by": torch.zeros(n_dropped, cfg.d_model, dtype=torch.float64),
+                               "out": want},
+                              {"keep_probs": 1e-6, "kept_indices": 0, "dropped rows changed by": 0, "out": TOL32},
+                              mistakes={
+                "the router weight scales the attention output, not the MLP's":
+                    {"out": lambda ref=ref: ref(weight_on="attention")[0]},
+                "the router weight left out (the MLP output unscaled: no gradient reaches the router)":
+                    {"out": lambda ref=ref: ref(weight_on=None)[0]},
+                "added instead of replaced (scatter_add, +=): the kept tokens' residual counted twice":
+                    {"out": lambda ref=ref: ref(add=True)[0]},
+                f"the kept tokens' RoPE positions as in position_mode={other.position_mode!r}":
+                    {"out": lambda layer=layer, x=x, other=other, ratio=ratio: ref_lfp_layer(layer, x, other, ratio)[0]}}))
+    return cases
 
 
 @exercise("lfp_layer")
-def test_lfp_layer_with_ratio_1_and_unit_keep_weights_is_a_standard_layer(monkeypatch):
-    model = make_model(n_layers=2, schedule={1: 1.0})
-    layer = model.llm.layers[1]
-    x, pos, mask = lfp_layer_inputs(model)
-    monkeypatch.setattr(layer.router, "forward", lambda h: torch.ones(h.shape[:2]))
-    cos, sin = model.llm.rotary_emb(pos, x.dtype)
-    with torch.no_grad():
-        assert_close(layer.forward_lfp(x, pos, model.llm.rotary_emb), layer(x, cos, sin, mask), 1e-6,
-                     "forward_lfp keeping every token with keep probability 1 vs the plain block", {"x": x})
+def test_lfp_layer_with_ratio_1_and_unit_keep_weights_is_a_standard_layer():
+    over = dict(n_layers=2, schedule={1: 1.0})
+    cfg = cm.CogVLAConfig.tiny(**over)
+    llm = make_llm(cfg)
+    x = randn(2, cfg.seq_len, cfg.d_model, seed=4)
+    positions = torch.arange(cfg.seq_len)[None].expand(2, -1)
+    return Case("forward_lfp keeping every token with keep probability 1 vs the plain block", "lfp_layer_unit_weights",
+                dict(cfg=over, state=llm.state_dict(), x=x, layer=1),
+                {"out": ref_block(llm.layers[1], x, positions, positions, cfg)}, {"out": TOL32})
 
 
 def test_scatter_leaves_dropped_tokens_bit_exact(tiny):
@@ -959,12 +962,9 @@ def test_reindexed_and_original_positions_agree_before_the_first_drop_and_differ
 
 @exercise("lfp_layer")
 def test_non_finite_hidden_state_after_scatter_names_the_layer():
-    model = make_model(n_layers=4, schedule={2: 0.5})
-    with torch.no_grad():
-        model.llm.layers[2].self_attn.o_proj.weight.fill_(float("inf"))
-    images, text_ids, state, _ = model.example_inputs()
-    with pytest.raises(FloatingPointError, match="LFP layer 2"):
-        model(images, text_ids, state)
+    return Case("a decoder whose LFP layer 2 computes inf", "lfp_layer_with_inf",
+                dict(cfg=dict(n_layers=4, schedule={2: 0.5}), layer=2, x=randn(1, 256, 64, seed=15).float()),
+                raises="FloatingPointError: LFP layer 2")
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -973,60 +973,58 @@ def test_source_ratios_keep_163_143_115_76_51_38_vision_tokens():
     assert [int(192 * r) for r in cm.SOURCE_SCHEDULE.values()] == [163, 143, 115, 76, 51, 38]
 
 
+def schedule_as_tensor(table, n_layers=32):
+    return torch.tensor([float(table.get(l, 0.0)) for l in range(n_layers)], dtype=torch.float64)
+
+
 @exercise("schedule")
 def test_source_formula_gives_the_values_spec_states():
-    got = [cm.shifted_cos_with_ratio(0.5, l, 32) for l in SOURCE_LAYERS]
     want = [math.cos(l * math.pi / 31) / 2 + 0.5 for l in SOURCE_LAYERS]      # 0.937 0.765 0.525 0.280 0.090 0.003
-    assert_close(torch.tensor(got), torch.tensor(want), 1e-12, f"shifted_cos_with_ratio(0.5, layer, 32) for layers "
-                 f"{SOURCE_LAYERS}", mistakes={
+    return Case(f"shifted_cos_with_ratio(0.5, layer, 32) for layers {SOURCE_LAYERS}", "shifted_cos",
+                dict(average=0.5, layers=SOURCE_LAYERS, n_layers=32), {"ratios": torch.tensor(want, dtype=torch.float64)},
+                {"ratios": 1e-12}, mistakes={
         "cos(layer pi / n_layers): n_layers - 1 is the last layer":
-            lambda: torch.tensor([math.cos(l * math.pi / 32) / 2 + 0.5 for l in SOURCE_LAYERS]),
-        "the cosine not halved": lambda: torch.tensor([math.cos(l * math.pi / 31) + 0.5 for l in SOURCE_LAYERS])})
-    for layer, want in ((0, 1.0), (31, 0.0)):
-        got = cm.shifted_linear_with_ratio(0.5, layer, 32)
-        assert got == want, f"shifted_linear_with_ratio(0.5, {layer}, 32): expected {want}, got {got}"
+            {"ratios": torch.tensor([math.cos(l * math.pi / 32) / 2 + 0.5 for l in SOURCE_LAYERS], dtype=torch.float64)},
+        "the cosine not halved":
+            {"ratios": torch.tensor([math.cos(l * math.pi / 31) + 0.5 for l in SOURCE_LAYERS], dtype=torch.float64)}})
 
 
 @exercise("schedule")
 def test_reference_schedule_prunes_layers_8_to_31_floored_at_0_15():
     curve = {l: math.cos(l * math.pi / 31) / 2 + 0.5 for l in range(32)}
-    variants = {"no floor: the ratio must be max(curve, min)": {l: r for l, r in curve.items() if r <= 0.85},
-                "every layer prunes: only those with curve <= max do": {l: max(r, 0.15) for l, r in curve.items()},
-                "the max/min roles swapped": {l: max(r, 0.85) for l, r in curve.items() if r <= 0.15}}
-    try:
-        got = CogVLAConfig.tiny(schedule="shiftedcos_decay_0.85_0.15").lfp_ratios
-    except ValueError as err:   # lfp_schedule refuses a ratio outside (0, 1]: which variant makes that one?
-        bad = re.search(r"ratio for layer (\d+): expected one in \(0, 1\], got (\S+)", str(err))
-        named = [name for name, table in variants.items() if bad and table.get(int(bad[1])) == float(bad[2])]
-        raise AssertionError(f"shiftedcos_decay_0.85_0.15 on 32 layers: lfp_schedule raised {err}"
-                             + (f"\n  likely mistake: {named[0]}" if named else "")) from None
-    named = [name for name, table in variants.items() if list(table) == list(got)
-             and all(abs(got[l] - table[l]) < 1e-12 for l in table)]
-    assert list(got) == list(range(8, 32)), (f"shiftedcos_decay_0.85_0.15 on 32 layers: expected LFP at layers 8..31, "
-                                             f"got {list(got)}" + (f"\n  likely mistake: {named[0]}" if named else ""))
-    for layer, ratio in got.items():
-        want = max(curve[layer], 0.15)
-        assert abs(ratio - want) < 1e-12, (f"layer {layer}: expected ratio max(cos({layer} pi / 31) / 2 + 0.5, 0.15) "
-                                           f"= {want:.6f}, got {ratio:.6f}" + (f"\n  likely mistake: {named[0]}" if named else ""))
-    assert math.cos(7 * math.pi / 31) / 2 + 0.5 > 0.85   # why layer 7 does not prune (a check of this test)
+    want = {l: max(r, 0.15) for l, r in curve.items() if r <= 0.85}
+    assert list(want) == list(range(8, 32)) and curve[7] > 0.85     # the claim, of the formula itself
+    return Case("shifted_schedule(shifted_cos_with_ratio, 0.5, top=0.85, floor=0.15, 32): each layer's ratio, "
+                "0 where it does not prune", "shifted_schedule",
+                dict(curve="shiftedcos", average=0.5, top=0.85, floor=0.15, n_layers=32),
+                {"ratios": schedule_as_tensor(want)}, {"ratios": 1e-12}, mistakes={
+        "no floor: the ratio must be max(curve, min)": {"ratios": schedule_as_tensor({l: r for l, r in curve.items() if r <= 0.85})},
+        "every layer prunes: only those with curve <= max do": {"ratios": schedule_as_tensor({l: max(r, 0.15) for l, r in curve.items()})},
+        "the max/min roles swapped": {"ratios": schedule_as_tensor({l: max(r, 0.85) for l, r in curve.items() if r <= 0.15})}})
 
 
 @exercise("schedule")
 def test_linear_schedule_follows_its_formula():
-    got = CogVLAConfig.tiny(schedule="shiftedlinear_decay_0.85_0.15").lfp_ratios
-    # 1 - l/31 <= 0.85 from layer 5 on; below 0.15 from layer 27 on
-    want = {l: max(1 - l / 31, 0.15) for l in range(5, 32)}
-    assert list(got) == list(want), f"shiftedlinear_decay_0.85_0.15: expected LFP at layers 5..31, got {list(got)}"
-    for layer, ratio in got.items():
-        assert abs(ratio - want[layer]) < 1e-12, f"shiftedlinear layer {layer}: expected {want[layer]:.6f}, got {ratio:.6f}"
+    want = {l: max(1 - l / 31, 0.15) for l in range(5, 32)}   # 1 - l/31 <= 0.85 from layer 5 on; floored from 27
+    return Case("shifted_schedule(shifted_linear_with_ratio, 0.5, top=0.85, floor=0.15, 32)", "shifted_schedule",
+                dict(curve="shiftedlinear", average=0.5, top=0.85, floor=0.15, n_layers=32),
+                {"ratios": schedule_as_tensor(want)}, {"ratios": 1e-12})
 
 
 @exercise("schedule")
 def test_average_ratio_shifts_the_schedule():
-    lo = CogVLAConfig.tiny(schedule="shiftedcos_decay_0.85_0.15", lfp_average=0.4).lfp_ratios
-    hi = CogVLAConfig.tiny(schedule="shiftedcos_decay_0.85_0.15", lfp_average=0.6).lfp_ratios
-    assert min(lo) < min(hi), (f"lfp_average 0.4 lowers the curve, so pruning must start earlier than with 0.6: "
-                               f"first LFP layer {min(lo)} vs {min(hi)}")
+    cases = []
+    for average in (0.4, 0.6):
+        curve = {l: math.cos(l * math.pi / 31) / 2 + average for l in range(32)}
+        want = {l: max(r, 0.15) for l, r in curve.items() if r <= 0.85}
+        cases.append(Case(f"shifted_schedule(shifted_cos_with_ratio, average={average}, top=0.85, floor=0.15, 32)",
+                          "shifted_schedule", dict(curve="shiftedcos", average=average, top=0.85, floor=0.15, n_layers=32),
+                          {"ratios": schedule_as_tensor(want)}, {"ratios": 1e-12}, mistakes={
+            "the average left out (0.5 whatever is asked)": {"ratios": schedule_as_tensor(
+                {l: max(r - average + 0.5, 0.15) for l, r in curve.items() if r - average + 0.5 <= 0.85})}}))
+    first_lfp_layer = [int(c.want["ratios"].nonzero()[0]) for c in cases]
+    assert first_lfp_layer[0] < first_lfp_layer[1]      # a lower average prunes from an earlier layer on
+    return cases
 
 
 def test_config_edited_after_it_is_made_is_used_and_a_built_model_refuses_it():
@@ -1139,12 +1137,18 @@ def ref_layernorm(ln, x):
     return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight.double() + ln.bias.double()
 
 
-def ref_vit_block(block, x, cond, film="1 + gamma"):
+def ref_vit_block(block, x, cond, film="1 + gamma", film_at="between"):
     """x [n, W] one image's tokens, cond [D]: x + attn; x * (1 + gamma) + beta; x + mlp(norm2(x)).
-    film="gamma" is the classic mistake x * gamma + beta."""
+    Classic mistakes: film="gamma" (x * gamma + beta), film_at="after_mlp" or "before_attention"."""
     n, W = x.shape
     heads = block.heads
     d = W // heads
+    gamma, beta = ref_linear(block.film_scale, cond), ref_linear(block.film_shift, cond)
+
+    def film_(x):
+        return x * ((1 + gamma) if film == "1 + gamma" else gamma) + beta
+    if film_at == "before_attention":
+        x = film_(x)
     qkv = ref_linear(block.qkv, ref_layernorm(block.norm1, x))                   # [n, 3W]: q | k | v
     q, k, v = qkv[:, :W], qkv[:, W:2 * W], qkv[:, 2 * W:]
     att = torch.zeros(n, W, dtype=torch.float64)
@@ -1155,10 +1159,11 @@ def ref_vit_block(block, x, cond, film="1 + gamma"):
             p = torch.exp(s - s.max())
             att[i, sl] = (p / p.sum()) @ v[:, sl]
     x = x + ref_linear(block.proj, att)
-    gamma, beta = ref_linear(block.film_scale, cond), ref_linear(block.film_shift, cond)
-    x = x * ((1 + gamma) if film == "1 + gamma" else gamma) + beta
+    if film_at == "between":
+        x = film_(x)
     m = block.mlp
-    return x + ref_linear(m[2], ref_gelu(ref_linear(m[0], ref_layernorm(block.norm2, x))))
+    x = x + ref_linear(m[2], ref_gelu(ref_linear(m[0], ref_layernorm(block.norm2, x))))
+    return film_(x) if film_at == "after_mlp" else x
 
 
 def ref_patches(image, p):
@@ -1187,17 +1192,18 @@ def ref_fusion_weights(fusion, instruction):
     return e / e.sum()
 
 
-def ref_vision_tower(tower, images, instruction, cfg, swapped=False):
-    """swapped=True is the classic mistake: dino's weight on siglip and siglip's on dino."""
+def ref_vision_tower(tower, images, instruction, cfg, weights=None):
+    """Each image through both encoders and projectors, mixed by the fusion weights [B, 2] (by
+    default the softmax of the fusion MLP's output; a classic mistake's otherwise)."""
+    if weights is None:
+        weights = torch.stack([ref_fusion_weights(tower.fusion, instruction[b]) for b in range(images.shape[0])])
     out = []
     for b in range(images.shape[0]):
-        w = ref_fusion_weights(tower.fusion, instruction[b])
-        w = w.flip(0) if swapped else w
         per_image = []
         for i in range(images.shape[1]):
             dino = ref_projector(tower.dino_proj, ref_vit(tower.dino, images[b, i], instruction[b], cfg))
             sig = ref_projector(tower.siglip_proj, ref_vit(tower.siglip, images[b, i], instruction[b], cfg))
-            per_image.append(w[0] * dino + w[1] * sig)
+            per_image.append(weights[b, 0] * dino + weights[b, 1] * sig)
         out.append(torch.cat(per_image))
     return torch.stack(out)
 
@@ -1214,11 +1220,15 @@ def test_vit_block_is_self_attn_then_film_one_plus_gamma_then_mlp():
     block = randomize_(cm.ViTBlock(32, 2, 4.0, cfg.d_model).double(), 15, std=0.2)
     x = randn(2, 10, 32, seed=16)
     cond = randn(2, cfg.d_model, seed=17)
-    got = block(x, cond)
-    want = torch.stack([ref_vit_block(block, x[b], cond[b]) for b in range(2)])
-    assert_close(got, want, TOL64, "ViTBlock(32, heads=2)", {"x": x, "cond": cond}, {
-        "FiLM as x * gamma + beta (not the identity when gamma = beta = 0: use 1 + gamma)":
-            lambda: torch.stack([ref_vit_block(block, x[b], cond[b], film="gamma") for b in range(2)])})
+
+    def ref(**kw):
+        return torch.stack([ref_vit_block(block, x[b], cond[b], **kw) for b in range(2)])
+    return Case("ViTBlock(32, heads=2)", "vit_block",
+                dict(width=32, heads=2, mlp_ratio=4.0, d_cond=cfg.d_model, state=block.state_dict(), x=x, cond=cond),
+                {"out": ref()}, {"out": TOL64}, mistakes={
+        "FiLM as x * gamma + beta (not the identity when gamma = beta = 0: use 1 + gamma)": {"out": ref(film="gamma")},
+        "FiLM after the MLP, not between attention and MLP": {"out": ref(film_at="after_mlp")},
+        "FiLM before the attention, not between attention and MLP": {"out": ref(film_at="before_attention")}})
 
 
 def test_vit_output_is_the_last_n_agg_tokens_of_the_sequence():
@@ -1252,30 +1262,103 @@ def test_vision_tower_matches_a_hand_run_with_softmax_fusion_weights():
     tower = make_tower(cfg)
     images = torch.rand(2, cfg.n_images, 3, cfg.image_size, cfg.image_size, generator=gen(24), dtype=torch.float64)
     instruction = randn(2, cfg.d_model, seed=25, scale=2.0)
-    got = tower(images, instruction)
-    assert_close(got, ref_vision_tower(tower, images, instruction, cfg), TOL64, "VisionTower",
-                 {"images": images, "instruction": instruction}, {
-        "the two encoders' weights swapped (weights[:, 0] belongs to dino)":
-            lambda: ref_vision_tower(tower, images, instruction, cfg, swapped=True)})
+    logits = torch.stack([ref_linear(tower.fusion[-1], ref_gelu(ref_linear(tower.fusion[0], t))) for t in instruction])
+    ref = functools.partial(ref_vision_tower, tower, images, instruction, cfg)
+    return Case("VisionTower", "vision_tower", dict(cfg=small(), state=tower.state_dict(), images=images,
+                                                    instruction=instruction), {"out": ref()}, {"out": TOL64}, mistakes={
+        "the two encoders' weights swapped (weights[:, 0] belongs to dino)": {"out": lambda: ref(logits.softmax(-1).flip(-1))},
+        "the fusion logits used as weights, without the softmax": {"out": lambda: ref(logits)},
+        "the softmax over the batch, not over the two encoders": {"out": lambda: ref(logits.softmax(0))}})
 
 
 @exercise("fusion")
-@pytest.mark.parametrize("winner", [0, 1])
-def test_fusion_weight_one_picks_that_encoder_alone(winner):
+def test_fusion_weight_one_picks_that_encoder_alone():
     cfg = small_cfg()
-    tower = make_tower(cfg)
-    with torch.no_grad():
-        tower.fusion[-1].weight.zero_()
-        tower.fusion[-1].bias.copy_(torch.tensor([100.0, -100.0] if winner == 0 else [-100.0, 100.0]))
-    images = torch.rand(2, cfg.n_images, 3, cfg.image_size, cfg.image_size, generator=gen(26), dtype=torch.float64)
-    instruction = randn(2, cfg.d_model, seed=27)
-    got = tower(images, instruction)
-    vit, proj = (tower.dino, tower.dino_proj) if winner == 0 else (tower.siglip, tower.siglip_proj)
-    name = "dino" if winner == 0 else "siglip"
-    for b in range(2):
-        want = torch.cat([ref_projector(proj, ref_vit(vit, images[b, i], instruction[b], cfg))
-                          for i in range(cfg.n_images)])
-        assert_close(got[b], want, TOL64, f"fusion weights ({winner == 0:d}, {winner == 1:d}): the {name} branch alone")
+    cases = []
+    for winner in (0, 1):
+        tower = make_tower(cfg)
+        with torch.no_grad():
+            tower.fusion[-1].weight.zero_()
+            tower.fusion[-1].bias.copy_(torch.tensor([100.0, -100.0] if winner == 0 else [-100.0, 100.0]))
+        images = torch.rand(2, cfg.n_images, 3, cfg.image_size, cfg.image_size, generator=gen(26), dtype=torch.float64)
+        instruction = randn(2, cfg.d_model, seed=27)
+        vit, proj = (tower.dino, tower.dino_proj) if winner == 0 else (tower.siglip, tower.siglip_proj)
+        want = torch.stack([torch.cat([ref_projector(proj, ref_vit(vit, images[b, i], instruction[b], cfg))
+                                       for i in range(cfg.n_images)]) for b in range(2)])
+        name = "dino" if winner == 0 else "siglip"
+        cases.append(Case(f"fusion weights ({winner == 0:d}, {winner == 1:d}): the {name} branch alone", "vision_tower",
+                          dict(cfg=small(), state=tower.state_dict(), images=images, instruction=instruction),
+                          {"out": want}, {"out": TOL64}))
+    return cases
+
+
+# =============================================================================== classic mistakes, planted
+# Each mistake an exercise's failure message names, planted into the reference's own code (a
+# minimal edit of its source), must fail that exercise's tests with a message that names it.
+
+PLANTED = [   # (exercise, function, [(reference text, the mistake's text)], what the message names)
+    ("rmsnorm", "RMSNorm.forward", [("x32.pow(2).mean(-1, keepdim=True)", "x32.pow(2).sum(-1, keepdim=True)")],
+     "a sum of squares where their mean is meant"),
+    ("rmsnorm", "RMSNorm.forward", [("x32 = x.float()", "x32 = x")], "normalised in bf16, not float32"),
+    ("rope", "RotaryEmbedding.forward", [("dtype=torch.float32)", "dtype=dtype)"),
+                                         ("position_ids.float()", "position_ids.to(dtype)")],
+     "the frequencies and angles computed in bf16"),
+    ("causal_mask", "attention_mask", [('if cfg.mask_kind == "catten":', "if False:")],
+     "the action segment left causal"),
+    ("attention", "Attention.forward", [("scores.softmax(dim=-1", "scores.softmax(dim=-2")],
+     "the softmax taken over the queries"),
+    ("attention", "Attention.forward", [("math.sqrt(cfg.head_dim)", "math.sqrt(cfg.d_model)")],
+     "the scores divided by sqrt(d_model), not by sqrt(head_dim)"),
+    ("swiglu", "MLP.forward", [("F.silu(", "F.gelu(")], "GELU where SiLU is meant"),
+    ("router", "Router.forward", [("h[:, cfg.text_start:cfg.action_start].mean(dim=1)", "h.mean(dim=1)")],
+     "FiLM read from the mean of every token"),
+    ("select", "select", [("idx.sort(dim=-1).values", "idx.argsort(dim=-1)")], "argsort of the top-k indices"),
+    ("gather_scatter", "scatter_tokens", [("out = x.clone()", "out = x")], "x itself changed"),
+    ("lfp_layer", "LFPDecoderLayer.forward_lfp", [("y + w_kept[..., None] * self.mlp(", "y + self.mlp(")],
+     "the router weight left out"),
+    ("vit_film", "ViTBlock.forward", [("x = x * (1 + gamma[:, None]) + beta[:, None]", "pass"),
+                                      ("return x + self.mlp(self.norm2(x))",
+                                       "x = x + self.mlp(self.norm2(x))\n    return x * (1 + gamma[:, None]) + beta[:, None]")],
+     "FiLM after the MLP"),
+    ("vit_film", "ViTBlock.forward", [("x = x * (1 + gamma[:, None]) + beta[:, None]", "pass"),
+                                      ("q, k, v = rearrange(", "x = x * (1 + self.film_scale(cond)[:, None]) + "
+                                       "self.film_shift(cond)[:, None]\n    q, k, v = rearrange(")],
+     "FiLM before the attention"),
+    ("fusion", "VisionTower.forward", [("self.fusion(instruction).softmax(-1)", "self.fusion(instruction)")],
+     "the fusion logits used as weights, without the softmax"),
+    ("fusion", "VisionTower.forward", [("self.fusion(instruction).softmax(-1)", "self.fusion(instruction).softmax(0)")],
+     "the softmax over the batch"),
+]
+
+
+def planted(where, edits):
+    """The reference's function `where` ("Class.method" or "function") with `edits` made to its
+    source: (owner, name, the mistaken function)."""
+    *owner_path, name = where.split(".")
+    owner = getattr(cm, owner_path[0]) if owner_path else cm
+    source = textwrap.dedent(inspect.getsource(getattr(owner, name)))
+    for right, wrong in edits:
+        assert source.count(right) == 1, f"{where}: expected {right!r} once in its source"
+        source = source.replace(right, wrong)
+    namespace = dict(vars(cm))
+    exec(compile(source, f"<{where} with a planted mistake>", "exec"), namespace)
+    return owner, name, namespace[name]
+
+
+@pytest.mark.parametrize("exercise_id, where, edits, named", PLANTED, ids=[f"mistake-{i}" for i in range(len(PLANTED))])
+def test_a_planted_classic_mistake_fails_its_exercise_naming_it(monkeypatch, exercise_id, where, edits, named):
+    owner, name, mistaken = planted(where, edits)
+    monkeypatch.setattr(owner, name, mistaken)
+    messages = []
+    for ex, build in course.EXERCISE_TESTS:
+        for case in course.cases_of(build) if ex == exercise_id else []:
+            try:
+                course.check(case, cm)
+            except AssertionError as err:
+                messages.append(str(err))
+    assert messages, f"{where} with the mistake '{named}' planted passed every test of exercise {exercise_id}"
+    assert any(f"likely mistake: {named}" in m for m in messages), \
+        f"no failure of exercise {exercise_id} names '{named}'; they say:\n" + "\n".join(messages)
 
 
 # =============================================================================== CogVLA
