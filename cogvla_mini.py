@@ -1,9 +1,14 @@
 """CogVLA-mini: CogVLA's vision tower and its Llama decoder with LFP, in one readable file.
 
-LFP (layer-wise feature pruning) lets some decoder layers run on fewer tokens: a router
-scores every token, the layer keeps the top-k vision tokens (plus every non-vision token),
-runs a normal Llama block on those, and scatters the results back. Dropped tokens skip the
-layer unchanged; the next layer sees all N tokens again.
+"The source" is the document on CogVLA's LFP that this file follows; "the reference code" is the
+public CogVLA code, which grew out of p-MoD, followed where the source is silent.
+
+LFP (layer-wise feature pruning) lets some decoder layers run on fewer tokens, in six phases:
+(1) a router scores every token; (2) the layer keeps the most probable vision tokens and every
+other token (K in all); (3) it gathers them; (4) it runs a normal Llama block on them, its MLP
+output scaled by the router's keep probability (the only path by which the loss reaches the
+router); (5) it scatters the results back, the dropped tokens unchanged; (6) the next layer sees
+all N tokens again.
 
 The sequence the LLM sees (the source's layout, every count a config field):
 
@@ -16,9 +21,10 @@ and the walkthrough that `python cogvla_mini.py` runs.
 Shape legend (used in the comments at the end of lines):
     B batch          N tokens in the LLM sequence      K tokens kept by an LFP layer
     D d_model        H attention heads                 Hkv key/value heads (GQA)
-    Dh head dim      F MLP hidden size                 V vision tokens (n_images x per image)
-    T text tokens    I camera images                   P patches per image
-    G aggregation tokens per image                     Dv ViT width
+    Dh head dim      F MLP hidden size                 V vision tokens (I x G)
+    T text tokens    S state tokens                    Q action queries (chunk x action dim)
+    I camera images  P patches per image               G tokens per image (aggregation or P)
+    Dv ViT width     B' images in a batch (B x I), as the ViT sees them
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class CogVLAConfig:
     d_ff: int = 172                 # F, SwiGLU hidden size
     rope_theta: float = 10000.0     # RoPE base
     rms_eps: float = 1e-5           # RMSNorm epsilon (Llama-2's value)
-    attn_impl: str = "math"         # "math" (a softmax to stop on), "sdpa", "sdpa_causal" (no mask)
+    attn_impl: str = "math"         # "math" (its softmax a line to stop on), "sdpa", "sdpa_causal"
     mask_kind: str = "causal"       # "causal" (the source) or "catten" (action segment both ways)
     # --- the sequence layout ---
     n_images: int = 3               # I, camera images per sample
@@ -315,14 +321,13 @@ class Router(nn.Module):
 
 
 def n_kept_tokens(cfg: CogVLAConfig, ratio: float) -> int:
-    """K = all tokens minus the vision tokens this ratio drops (Phase 2.1)."""
-    visual_kept = int(cfg.n_vision * ratio)
-    return cfg.seq_len - (cfg.n_vision - visual_kept)
+    """K = all tokens minus the vision tokens this ratio drops (Phase 2)."""
+    return cfg.seq_len - cfg.n_vision + int(cfg.n_vision * ratio)
 
 
 def select(keep_prob, k: int, cfg: CogVLAConfig):
-    """Phase 2: the k best tokens, BOS, text and action forced in, in sequence order -> [B, K].
-    The layer needs its tokens in sequence order: the causal mask and the positions follow it."""
+    """Phase 2: the k best tokens, BOS, text and action forced in, in sequence order -> [B, K]
+    (re-indexed positions are places in idx: sorted, the kept tokens keep their order)."""
     # --- exercise select ---
     force = torch.zeros_like(keep_prob[0])                                # [N]
     force[:cfg.vision_start] = float("inf")                               # BOS
@@ -369,6 +374,7 @@ class LFPDecoderLayer(DecoderLayer):
     # The router weight of every kept token, force-kept ones included, is its softmax
     # probability (the source's code; its narrative says 1.0 for the forced ones). It scales
     # the MLP's output: the only path by which the loss's gradient reaches the router.
+    # Re-indexed positions (the source's) give each kept token its place among the kept.
     def forward_lfp(self, x, position_ids, rope, records=None):
         # --- exercise lfp_layer ---
         B, N, D = x.shape
@@ -381,7 +387,7 @@ class LFPDecoderLayer(DecoderLayer):
         x_kept = gather_tokens(x, idx)                                    # [B, K, D]
         w_kept = keep_prob.gather(1, idx)                                 # [B, K]
         mask_kept = attention_mask(self.cfg, idx)                         # [B, 1, K, K]
-        if self.cfg.position_mode == "reindex":                           # the source: 0..K-1
+        if self.cfg.position_mode == "reindex":
             pos_kept = torch.arange(idx.shape[1], device=x.device)[None]  # [1, K]
         else:                                                             # as p-MoD and FastV do
             pos_kept = position_ids.expand(B, -1).gather(1, idx)          # [B, K]
@@ -389,12 +395,10 @@ class LFPDecoderLayer(DecoderLayer):
         # Phase 4: a normal block on the kept tokens, its MLP output scaled by the router weight.
         y = x_kept + self.self_attn(self.input_layernorm(x_kept), cos, sin, mask_kept)
         y = y + w_kept[..., None] * self.mlp(self.post_attention_layernorm(y))  # [B, K, D]
-        # Phase 5: scatter back; dropped tokens leave this layer exactly as they came. The
-        # inf/NaN check needs only the new values, and one sum shows any inf or NaN.
+        # Phase 5: scatter back; dropped tokens pass unchanged, only new values can be inf/NaN.
         out = scatter_tokens(x, idx, y)                                   # [B, N, D]
-        if self.cfg.check_values and not torch.isfinite(y.sum()):
-            raise FloatingPointError(f"LFP layer {self.layer}: inf or NaN in the hidden states "
-                                     f"after scatter")
+        if self.cfg.check_values and not torch.isfinite(y).all():
+            raise FloatingPointError(f"LFP layer {self.layer}: inf or NaN in its hidden states")
         if records is not None:
             records.append(LFPRecord(self.layer, idx.detach(), keep_prob.detach()))
         return out  # Phase 6: the next layer sees all N tokens again
@@ -489,9 +493,7 @@ class LlamaDecoder(nn.Module):
         return self.norm(x)
 
     def check_can_run(self, prune: bool, n_tokens: int):
-        cfg, causal_kernel = self.cfg, self.cfg.attn_impl == "sdpa_causal"
-        # Like flash-attention kernels, is_causal takes no mask; an LFP layer needs its gathered
-        # one (the source's FAQ: gather/scatter conflicts with flash-attn).
+        cfg, causal_kernel = self.cfg, self.cfg.attn_impl == "sdpa_causal"   # as flash-attn does
         need(not (prune and causal_kernel), 'attn_impl="sdpa_causal" takes no mask, but an LFP '
              'layer needs its gathered mask (the source\'s FAQ: gather/scatter conflicts with '
              'flash-attn): expected "sdpa" or "math", or prune=False', "prune=True")
@@ -633,13 +635,13 @@ class CogVLA(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 # std 1/sqrt(fan_in) keeps activations at unit scale in every layer: 0.016 at
-                # d_model 4096, near Llama's 0.02, which at width 64 would shrink them 8-fold.
+                # d_model 4096, near Llama's 0.02, which at width 64 would shrink them 6-fold.
                 nn.init.normal_(module.weight, std=module.in_features ** -0.5)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                # The same rule with fan-in 1 (a one-hot input). Both FiLMs read the mean of
-                # these: at 0.02 it would be far weaker than the image features it modulates.
+                # The same rule with fan-in 1 (a one-hot input). The vision FiLM reads the mean
+                # of these: at 0.02 it would be far weaker than the image features it modulates.
                 nn.init.normal_(module.weight, std=1.0)
         # Which state value a token carries: not small. The first layer reads each token through
         # RMSNorm, which maps state_proj(s) = s * w (its bias starts at 0) to +-w / rms(w) and so
@@ -648,8 +650,8 @@ class CogVLA(nn.Module):
         nn.init.normal_(self.state_embed, std=0.3)
         # Queries that predict the same action value (dx at every chunk step, say) start alike:
         # where to look, once one learns it, is learned for all; 2% apart, they can part later.
-        per_value = 0.02 * torch.randn(cfg.action_dim, cfg.d_model)              # [A, D]
-        per_query = repeat(per_value, "a d -> (c a) d", c=cfg.chunk_len)          # [C A, D]
+        per_value = 0.02 * torch.randn(cfg.action_dim, cfg.d_model)      # [action dim, D]
+        per_query = repeat(per_value, "a d -> (c a) d", c=cfg.chunk_len)  # [Q, D]
         self.action_queries.data.copy_(per_query + 0.02 * 0.02 * torch.randn_like(per_query))
         for vit in (self.vision.dino, self.vision.siglip):
             # Pretrained encoders know where each patch is; ours start from a 2-D sin-cos code of
@@ -681,8 +683,7 @@ class CogVLA(nn.Module):
         shapes = {"images": (cfg.n_images, 3, cfg.image_size, cfg.image_size),
                   "text_ids": (cfg.n_text,), "state": (cfg.n_state,),
                   "actions": (cfg.chunk_len, cfg.action_dim)}
-        given = {"images": images, "text_ids": text_ids, "state": state, "actions": actions}
-        given = {name: t for name, t in given.items() if t is not None}
+        given = {n: t for n, t in zip(shapes, (images, text_ids, state, actions)) if t is not None}
         for name, t in given.items():
             want = ", ".join(map(str, ("B",) + shapes[name]))
             hint = " (pad or truncate)" if name == "text_ids" else ""
@@ -706,8 +707,8 @@ class CogVLA(nn.Module):
         text = self.llm.embed_tokens(text_ids)                              # [B, T, D]
         vision = self.vision(images, text.mean(dim=1))                      # [B, V, D]
         bos = self.llm.embed_tokens.weight[self.cfg.bos_id].expand(B, 1, -1)  # [B, 1, D]
-        state_tokens = self.state_proj(state[..., None]) + self.state_embed  # [B, 3, D]
-        queries = self.action_queries.expand(B, -1, -1)                     # [B, 40, D]
+        state_tokens = self.state_proj(state[..., None]) + self.state_embed  # [B, S, D]
+        queries = self.action_queries.expand(B, -1, -1)                     # [B, Q, D]
         return torch.cat([bos, vision.to(text.dtype), text, state_tokens, queries], dim=1)
 
     def forward(self, images, text_ids, state, actions=None, prune: bool = True) -> CogVLAOutput:
@@ -715,7 +716,7 @@ class CogVLA(nn.Module):
         cfg, records = self.cfg, []
         embeds = self.embed(images, text_ids, state)                        # [B, N, D]
         hidden = self.llm(embeds, prune=prune, records=records)             # [B, N, D]
-        queries = hidden[:, -cfg.n_queries:]                                # [B, 40, D]
+        queries = hidden[:, -cfg.n_queries:]                                # [B, Q, D]
         pred = rearrange(self.action_head(queries), "b (c a) 1 -> b c a", c=cfg.chunk_len)
         loss = F.l1_loss(pred.float(), actions.float()) if actions is not None else None
         return CogVLAOutput(pred, loss, records, embeds[:, cfg.vision_start:cfg.text_start])
@@ -737,7 +738,7 @@ class CogVLA(nn.Module):
 class LayerCost:
     layer: int
     tokens: int           # tokens this layer's block processes
-    attn_n2d: float       # N^2 x D, the source's per-layer attention figure
+    attn_n2d: float       # N^2 x D per sample, the source's per-layer attention figure
     attn_flops: float     # 4 N^2 D: QK^T and AV, 2 FLOPs per multiply-add
     linear_flops: float   # 2 x tokens x (q, k, v, o, gate, up, down weights)
     router_flops: float   # the router's matmuls: its score on all N tokens, the FiLM MLPs
@@ -835,11 +836,10 @@ def walkthrough():
         print(f"tokens processed: {acc.token_share:.1%} of dense | attention N^2*D: {attn:.2f} G "
               f"vs dense {attn_dense:.2f} G | KV: {kv:.0f} MiB vs {kv_dense:.0f} MiB (fp16, per "
               f"sample) | FLOP-bound speedup {acc.speedup_bound:.3f}x")
-        if schedule == "source":
-            fig = account(CogVLAConfig.full(), pruning_persists=True)
-            fig_attn = fig.total("attn_n2d") / 1e9
-            print(f"the source's figure assumes pruning persists between LFP layers: "
-                  f"{fig_attn:.2f} G N^2*D (it prints 5.12 G), {attn_dense / fig_attn:.2f}x; "
+        if schedule == "source":   # the source's "1.68x" is attention's N^2*D alone: 8.59 / 5.12
+            fig_attn = account(CogVLAConfig.full(), pruning_persists=True).total("attn_n2d") / 1e9
+            print(f"attention N^2*D alone: the source's figure assumes pruning persists between "
+                  f"LFP layers: {fig_attn:.2f} G (it prints 5.12 G), {attn_dense / fig_attn:.2f}x; "
                   f"its own scatter (Phase 6) gives {attn_dense / attn:.2f}x")
     print("\n=== parameters (tiny preset, the source's schedule: 6 routers) ===")
     for name, n in parameter_report(CogVLA(CogVLAConfig.tiny())).items():
