@@ -374,6 +374,109 @@ def test_toy_evaluation_scores_where_the_gripper_ends():
     assert halfway["success"] == pytest.approx(float((short < 0.25).float().mean()), abs=1e-4)
 
 
+class FixedRecords(torch.nn.Module):
+    """Stands in for the model in `evaluate` and `keep_maps`: zero actions, and LFP records that
+    keep exactly the given sequence positions ({layer: one list of positions per sample})."""
+
+    def __init__(self, cfg, kept):
+        super().__init__()
+        self.cfg, self.kept = cfg, kept
+
+    def forward(self, images, text_ids, state, actions=None, prune=True):
+        B, N = state.shape[0], self.cfg.seq_len
+        records = []
+        for layer, rows in self.kept.items():
+            width = max(len(r) for r in rows[:B])
+            idx = torch.tensor([sorted(r) + [0] * (width - len(r)) for r in rows[:B]])   # padded with BOS
+            records.append(cm.LFPRecord(layer, idx, torch.zeros(B, N)))
+        return cm.CogVLAOutput(torch.zeros(B, self.cfg.chunk_len, self.cfg.action_dim), None, records)
+
+
+def positions(mask_row, cfg):
+    """The sequence positions of the vision patches set in mask_row [V]."""
+    return [cfg.vision_start + int(i) for i in mask_row.nonzero()[:, 0]]
+
+
+def test_toy_kept_shares_count_the_named_and_other_blocks_patches_a_hand_built_record_keeps():
+    cfg = train_toy.toy_config()
+    data = train_toy.make_batch(6, seed=31)
+    forced = [0] + list(range(cfg.text_start, cfg.seq_len))
+    named = [positions(data["named_patches"][b], cfg) for b in range(6)]
+    other = [positions(data["other_patches"][b], cfg) for b in range(6)]
+    kept = {1: [forced + named[b] + other[b][:2] for b in range(6)],   # the named block, 2 others' patches
+            2: [forced + other[b] for b in range(6)]}                  # the other blocks only
+    m = train_toy.evaluate(FixedRecords(cfg, kept), data, prune=True, device="cpu")
+    two_others = sum(min(2, len(o)) for o in other) / sum(len(o) for o in other)
+    assert m["kept_share"] == {1: 1.0, 2: 0.0}, m["kept_share"]
+    assert m["kept_share_other"] == {1: round(two_others, 4), 2: 1.0}, m["kept_share_other"]
+    assert m["chance"][1] == round(int(192 * 0.85) / 192, 4)
+
+
+def keep_map_grid(text, layer, cfg):
+    """The keep map printed for `layer`, read back: [3 cams, 8, 8] (kept, named) bools."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"layer {layer} "))
+    kept, named = torch.zeros(3, 8, 8, dtype=torch.bool), torch.zeros(3, 8, 8, dtype=torch.bool)
+    for row, line in enumerate(lines[start:start + 8]):
+        cells = line[8:]
+        for cam in range(3):
+            for col in range(8):
+                cell = cells[cam * 26 + col * 3: cam * 26 + col * 3 + 3]
+                kept[cam, row, col], named[cam, row, col] = cell[1] == "#", cell[0] == "["
+    return kept, named
+
+
+def test_toy_keep_maps_show_kept_patches_as_kept_and_dropped_ones_as_dropped():
+    cfg = train_toy.toy_config()
+    data = train_toy.make_batch(1, seed=9)
+    forced = [0] + list(range(cfg.text_start, cfg.seq_len))
+    every = list(range(cfg.vision_start, cfg.text_start))
+    named = positions(data["named_patches"][0], cfg)
+    corner = [cfg.vision_start + cam * 64 for cam in range(3)]               # the top-left patch of each view
+    kept = {1: [forced + named], 2: [forced + [p for p in every if p not in named]], 3: [forced + corner]}
+    text = train_toy.keep_maps(FixedRecords(cfg, kept), data, "cpu")
+    want_named = data["named_patches"][0].view(3, 8, 8)
+    for layer, expect in ((1, want_named), (2, ~want_named), (3, torch.zeros(3, 8, 8, dtype=torch.bool))):
+        if layer == 3:
+            expect[:, 0, 0] = True
+        got, brackets = keep_map_grid(text, layer, cfg)
+        assert torch.equal(brackets, want_named), f"layer {layer}: the brackets are not the named block's patches"
+        assert torch.equal(got, expect), f"layer {layer}: kept cells {got.nonzero().tolist()}, expected {expect.nonzero().tolist()}"
+
+
+def test_toy_learning_rate_warms_up_holds_then_decays_to_its_floor():
+    """The schedule at named steps, from its formula: linear warm-up over the first 5% of the steps
+    (from lr/warmup at step 0, not from zero), the peak until 60% of the rest, then half a cosine
+    down to 10% of the peak, not to zero."""
+    args = train_toy.parse_args(["--steps", "400", "--lr", "1e-3"])
+    lr = [train_toy.learning_rate(step, args) for step in range(400)]
+    warmup = 20
+    assert lr[0] == pytest.approx(1e-3 / warmup) and lr[warmup - 1] == pytest.approx(1e-3)
+    assert lr[warmup] == pytest.approx(1e-3) and lr[warmup + int(0.6 * 380)] == pytest.approx(1e-3)
+    assert lr[warmup + int(0.8 * 380)] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-6)   # halfway down
+    assert min(lr[warmup:]) == pytest.approx(lr[-1]) and lr[-1] == pytest.approx(1e-4, rel=1e-3)   # the floor
+    assert all(a <= b for a, b in zip(lr[:warmup], lr[1:warmup + 1])) and all(a >= b for a, b in zip(lr[warmup:], lr[warmup + 1:]))
+
+
+def test_toy_held_out_scenes_are_not_in_the_training_stream(monkeypatch):
+    """Every scene a run trains on is compared with every held-out scene: none is the same."""
+    made, real = [], train_toy.make_batch
+
+    def recording(n, seed, **kw):
+        batch = real(n, seed, **kw)
+        made.append((n, batch))
+        return batch
+    monkeypatch.setattr(train_toy, "make_batch", recording)
+    train_toy.main(["--steps", "3", "--batch-size", "4", "--eval-size", "7", "--curve-size", "3", "--no-maps",
+                    "--log-every", "1"], log=lambda *_: None)
+    held_out = [b for n, b in made if n == 7]
+    training = [b for n, b in made if n == 4]
+    assert len(held_out) == 1 and len(training) >= 3
+    seen = torch.cat([b["blocks"].flatten(1) for b in training])                         # [scenes, 9]
+    for scene in held_out[0]["blocks"].flatten(1):
+        assert not (seen == scene).all(dim=1).any(), "a held-out scene is one the model trained on"
+
+
 def test_toy_evaluation_with_aggregation_tokens_reports_no_keep_shares():
     cfg = dataclasses.replace(train_toy.toy_config("agg"), n_agg_tokens=32)
     metrics = train_toy.evaluate(CogVLA(cfg), train_toy.make_batch(4, seed=1), prune=True, device="cpu")
