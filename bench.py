@@ -1,4 +1,13 @@
-"""Dense vs LFP timing of CogVLA-mini's decoder, beside the FLOP bound: `python bench.py`."""
+"""Dense vs LFP timing of CogVLA-mini's decoder, beside the FLOP bound: `python bench.py`.
+
+    python bench.py                      # batch 4, forward and forward+backward, eager
+    python bench.py --batch 1            # a robot's case: one action chunk per control step
+    python bench.py --compile            # the forward also through torch.compile, side by side
+    python bench.py --full --device cuda # the source's full size, bf16, on a GPU
+
+The same weights run dense (prune=False) and with LFP, interleaved repetition by repetition;
+"measured" is the median of the paired ratios dense / LFP, beside account()'s FLOP bound.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +24,8 @@ from cogvla_mini import (REFERENCE_SCHEDULE, CogVLAConfig, DecoderLayer, LlamaDe
 def bench_config(schedule, width: int, full: bool) -> CogVLAConfig:
     """The source's layout (256 tokens, 32 layers) at `width`, Llama-2's proportions
     (head dim 64 here, MLP 11008/4096 x width); `full` is the source's own size."""
-    # No value checks: each would make the LFP path wait for the GPU where dense does not.
+    # No value checks: each would make the LFP path wait for the GPU where dense does not, and
+    # a compiled graph would break at each.
     if full:
         return CogVLAConfig.full(schedule=schedule, check_values=False)
     heads = max(1, width // 64)
@@ -25,7 +35,7 @@ def bench_config(schedule, width: int, full: bool) -> CogVLAConfig:
 
 def build_decoder(cfg: CogVLAConfig, device, dtype) -> LlamaDecoder:
     """Build straight on `device` in `dtype`: at the source's size a float32 copy on the CPU
-    first would take 27 GB."""
+    first would need 27 GB (6.7 B parameters x 4 bytes)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -69,68 +79,116 @@ def saved_activation_bytes(llm: LlamaDecoder, fn) -> int:
     return sum(seen.values())
 
 
-def benchmark(schedules=("source", REFERENCE_SCHEDULE), width=512, batch=4, full=False, device="cpu",
-              reps=9, warmup=1, passes=("forward", "forward+backward"), out=print) -> list[dict]:
-    """Median ms of dense and LFP runs, interleaved, next to the FLOP bound. Returns one dict per
-    (schedule, pass) and prints it as a JSON line."""
+COMPILED_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}   # largest |compiled - eager|
+
+
+def compiled_forwards(llm: LlamaDecoder, embeds, device, out=print):
+    """The decoder's forward, dense and pruned, through torch.compile (CUDA graphs on a GPU),
+    each compiled (its time reported) and checked against eager before anything is timed:
+    ({prune: compiled function}, {prune: compile seconds}). A compiled output that differs from
+    eager by more than COMPILED_TOLERANCE raises: a fast wrong graph is not a result."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+    functions, seconds = {}, {}
+    for prune in (False, True):
+        compiled = torch.compile(lambda x, prune=prune: llm(x, prune=prune), mode=mode, fullgraph=True)
+        start = time.perf_counter()
+        with torch.no_grad():
+            got, want = compiled(embeds), llm(embeds, prune=prune)
+            synchronize(device)
+        seconds[prune] = time.perf_counter() - start
+        diff = (got.float() - want.float()).abs().max().item()
+        tol = COMPILED_TOLERANCE[embeds.dtype]
+        name = "LFP" if prune else "dense"
+        if not diff <= tol:
+            raise RuntimeError(f"torch.compile's {name} decoder differs from eager by {diff:.3g} "
+                               f"(tolerance {tol:g}): not timing a graph that computes something else")
+        out(f"compiled the {name} decoder in {seconds[prune]:.0f} s; largest difference from eager "
+            f"{diff:.2g} (tolerance {tol:g})")
+        functions[prune] = compiled
+    return functions, seconds
+
+
+def benchmark(schedules=("source", REFERENCE_SCHEDULE), width=512, batch=4, full=False,
+              device="cpu", reps=9, warmup=1, passes=("forward", "forward+backward"),
+              compile=False, out=print, progress=print) -> list[dict]:
+    """Median ms of dense and LFP runs, interleaved, next to the FLOP bound. One row per
+    (schedule, pass, eager or compiled), each printed as a JSON line by `out`; a line per
+    repetition goes to `progress`."""
     if full and torch.device(device).type != "cuda":
-        raise ValueError(f"full=True is the source's 6.7B-parameter decoder (13 GB in bf16): it needs a GPU, "
-                         f"got device {device!r}; use a smaller width on the CPU")
-    results = []
+        raise ValueError(f"full=True is the source's 6.7B-parameter decoder (13 GB in bf16): it "
+                         f"needs a GPU, got device {device!r}; use a smaller width on the CPU")
+    results, started = [], time.perf_counter()
     dtype = torch.bfloat16 if full else torch.float32
+    plan = [(s, p, m) for s in schedules for p in passes
+            for m in (("eager", "compiled") if compile and p == "forward" else ("eager",))]
+    done = 0
     for schedule in schedules:
         cfg = bench_config(schedule, width, full)
         torch.manual_seed(0)
         llm = build_decoder(cfg, device, dtype)
         embeds = torch.randn(batch, cfg.seq_len, cfg.d_model, device=device, dtype=dtype)
-        bound = account(cfg, batch).speedup_bound  # the same for backward: every matmul costs 2x more there
+        bound = account(cfg, batch).speedup_bound  # the same for backward: every matmul costs 2x there
+        compiled, compile_s = compiled_forwards(llm, embeds, device, progress) if compile else ({}, {})
 
-        def run(prune, backward):
-            if not backward:
-                with torch.no_grad():
-                    llm(embeds, prune=prune)
+        def run(prune, backward, mode):
+            if backward:
+                llm.zero_grad(set_to_none=True)
+                llm(embeds, prune=prune).float().square().mean().backward()
                 return
-            llm.zero_grad(set_to_none=True)
-            llm(embeds, prune=prune).float().square().mean().backward()
+            with torch.no_grad():
+                (compiled[prune] if mode == "compiled" else lambda x: llm(x, prune=prune))(embeds)
 
-        for pass_name in passes:
+        for pass_name, mode in [(p, m) for s, p, m in plan if s == schedule]:
             backward = pass_name == "forward+backward"
             for _ in range(warmup):
-                run(False, backward), run(True, backward)
+                run(False, backward, mode), run(True, backward, mode)
             times = {False: [], True: []}
             for rep in range(reps):   # interleaved, alternating which goes first
                 for prune in ((False, True) if rep % 2 == 0 else (True, False)):
-                    times[prune].append(time_ms(lambda: run(prune, backward), device))
+                    times[prune].append(time_ms(lambda: run(prune, backward, mode), device))
+                left = (time.perf_counter() - started) / (done + (rep + 1) / reps) * (len(plan) - done
+                                                                                    - (rep + 1) / reps)
+                progress(f"{schedule} {pass_name} {mode} rep {rep + 1}/{reps}: dense "
+                         f"{times[False][-1]:.1f} ms, LFP {times[True][-1]:.1f} ms, ratio "
+                         f"{times[False][-1] / times[True][-1]:.3f}  (ETA {left:.0f} s)")
+            done += 1
             dense_ms, lfp_ms = median(times[False]), median(times[True])
-            # The speedup is the median of the per-repetition ratios: a dense run and the LFP run
-            # next to it share the machine's momentary speed, which the ratio cancels.
+            # The speedup is the median of the per-repetition ratios: a dense run and the LFP
+            # run next to it share the machine's momentary speed, which the ratio cancels.
             ratios = sorted(d / l for d, l in zip(times[False], times[True]))
             speedup = median(ratios)
-            row = dict(schedule=schedule, **{"pass": pass_name}, device=str(device), width=cfg.d_model,
-                       batch=batch, dtype=str(dtype).replace("torch.", ""), dense_ms=round(dense_ms, 2),
-                       lfp_ms=round(lfp_ms, 2), speedup=round(speedup, 3), speedup_min=round(ratios[0], 3),
-                       speedup_max=round(ratios[-1], 3), bound=round(bound, 3),
-                       efficiency=round(speedup / bound, 3), reps=reps)
+            row = dict(schedule=schedule, **{"pass": pass_name}, mode=mode, device=str(device),
+                       width=cfg.d_model, batch=batch, dtype=str(dtype).replace("torch.", ""),
+                       dense_ms=round(dense_ms, 2), lfp_ms=round(lfp_ms, 2),
+                       dense_ms_per_chunk=round(dense_ms / batch, 2),
+                       lfp_ms_per_chunk=round(lfp_ms / batch, 2), speedup=round(speedup, 3),
+                       speedup_min=round(ratios[0], 3), speedup_max=round(ratios[-1], 3),
+                       bound=round(bound, 3), efficiency=round(speedup / bound, 3), reps=reps)
+            if mode == "compiled":
+                row.update(dense_compile_s=round(compile_s[False], 1),
+                           lfp_compile_s=round(compile_s[True], 1))
             if backward:
                 for prune, key in ((False, "dense_saved_mib"), (True, "lfp_saved_mib")):
-                    row[key] = round(saved_activation_bytes(llm, lambda: run(prune, True)) / 2**20, 1)
+                    nbytes = saved_activation_bytes(llm, lambda: run(prune, True, mode))
+                    row[key] = round(nbytes / 2**20, 1)
             if torch.device(device).type == "cuda":
                 for prune, key in ((False, "dense_peak_mib"), (True, "lfp_peak_mib")):
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                    run(prune, backward)
+                    run(prune, backward, mode)
                     row[key] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
             results.append(row)
             out(json.dumps(row))
-        del llm
+        del llm, compiled
     return results
 
 
-def profile_lfp_layer(schedule=REFERENCE_SCHEDULE, layer=20, width=512, batch=4, device="cpu", reps=11,
-                      out=print) -> dict[str, float]:
+def profile_lfp_layer(schedule=REFERENCE_SCHEDULE, layer=20, width=512, batch=4, device="cpu",
+                      reps=11, compile=False, out=print) -> dict[str, float]:
     """Where one LFP layer's forward time goes: the real `forward_lfp`, timed whole (median ms)
     next to a standard layer on all N tokens and on K tokens (the ideal it approaches), then
-    split by operator with torch.profiler (self time per call of the layer)."""
+    split by operator with torch.profiler (self time per call of the layer); with `compile`,
+    each of the three through torch.compile first."""
     cfg = bench_config(schedule, width, full=False)
     torch.manual_seed(0)
     llm = build_decoder(cfg, device, torch.float32)
@@ -139,28 +197,33 @@ def profile_lfp_layer(schedule=REFERENCE_SCHEDULE, layer=20, width=512, batch=4,
     pos = torch.arange(cfg.seq_len, device=device)[None]                  # [1, N]
     K = lfp.n_keep
     cos, sin = llm.rotary_emb(pos, x.dtype)                               # [1, N, Dh]
+    mask_n, mask_k = attention_mask(cfg, pos), attention_mask(cfg, pos[:, :K])
     runs = {
-        "LFP layer (forward_lfp)": lambda: lfp.forward_lfp(x, pos, llm.rotary_emb),
-        "standard layer on N tokens": lambda: DecoderLayer.forward(lfp, x, cos, sin, attention_mask(cfg, pos)),
-        "standard layer on K tokens": lambda: DecoderLayer.forward(lfp, x[:, :K], cos[:, :K], sin[:, :K],
-                                                                  attention_mask(cfg, pos[:, :K])),
+        "LFP layer (forward_lfp)": lambda x: lfp.forward_lfp(x, pos, llm.rotary_emb),
+        "standard layer on N tokens": lambda x: DecoderLayer.forward(lfp, x, cos, sin, mask_n),
+        "standard layer on K tokens": lambda x: DecoderLayer.forward(lfp, x[:, :K], cos[:, :K],
+                                                                     sin[:, :K], mask_k),
     }
+    if compile:
+        runs = {name: torch.compile(fn, fullgraph=True) for name, fn in runs.items()}
     timings = {}
     with torch.no_grad():
         for name, fn in runs.items():
-            fn()
-            timings[name] = median([time_ms(fn, device) for _ in range(reps)])
+            fn(x)
+            timings[name] = median([time_ms(lambda: fn(x), device) for _ in range(reps)])
         gpu = torch.device(device).type == "cuda"
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                              if gpu else [])
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(reps):
-                runs["LFP layer (forward_lfp)"]()
+                runs["LFP layer (forward_lfp)"](x)
             synchronize(device)
     ops = {e.key: (e.self_device_time_total if gpu else e.self_cpu_time_total) / 1e3 / reps
            for e in prof.key_averages()}
     ops = dict(sorted(((k, v) for k, v in ops.items() if v > 0), key=lambda kv: -kv[1]))
-    out(f"\nLFP layer {layer} ({schedule}, N={cfg.seq_len}, K={K}, d_model {width}, batch {batch}, {device}, "
-        f"median of {reps}):")
+    how = "compiled" if compile else "eager"
+    out(f"\nLFP layer {layer}, {how} ({schedule}, N={cfg.seq_len}, K={K}, d_model {width}, batch "
+        f"{batch}, {device}, median of {reps}):")
     for name, ms in timings.items():
         out(f"  {name:<34} {ms:8.3f} ms")
     out(f"  where forward_lfp's time goes, by operator ({'GPU' if gpu else 'CPU'} self time per call):")
@@ -170,31 +233,50 @@ def profile_lfp_layer(schedule=REFERENCE_SCHEDULE, layer=20, width=512, batch=4,
 
 
 def print_benchmark_table(rows):
-    print(f"\n{'schedule':<28} {'pass':<17} {'dense ms':>9} {'LFP ms':>9} {'measured':>9} {'(min-max)':>13} "
-          f"{'bound':>7} {'efficiency':>10}")
+    print(f"\n{'schedule':<27} {'pass':<16} {'mode':<8} {'batch':>5} {'dense ms':>9} {'LFP ms':>9} "
+          f"{'measured':>9} {'(min-max)':>11} {'bound':>7} {'efficiency':>10} {'compile s':>9}")
     for r in rows:
-        print(f"{r['schedule']:<28} {r['pass']:<17} {r['dense_ms']:>9.1f} {r['lfp_ms']:>9.1f} "
-              f"{r['speedup']:>8.3f}x {r['speedup_min']:>6.2f}-{r['speedup_max']:<5.2f} "
-              f"{r['bound']:>6.3f}x {r['efficiency']:>10.1%}")
+        compiled = (f"{r['dense_compile_s']:.0f}/{r['lfp_compile_s']:.0f}"
+                    if r["mode"] == "compiled" else "")
+        print(f"{r['schedule']:<27} {r['pass']:<16} {r['mode']:<8} {r['batch']:>5} "
+              f"{r['dense_ms']:>9.1f} {r['lfp_ms']:>9.1f} {r['speedup']:>8.3f}x "
+              f"{r['speedup_min']:>5.2f}-{r['speedup_max']:<5.2f} {r['bound']:>6.3f}x "
+              f"{r['efficiency']:>10.1%} {compiled:>9}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--width", type=int, default=512, help="d_model of the benchmarked decoder")
-    parser.add_argument("--batch", type=int, default=4, help="batch size of the benchmark")
-    parser.add_argument("--reps", type=int, default=9, help="timed repetitions, dense and LFP interleaved")
-    parser.add_argument("--full", action="store_true", help="the source's size (d_model 4096), bf16; for a GPU")
+    parser.add_argument("--batch", type=int, default=4, help="batch size (1: one action chunk)")
+    parser.add_argument("--reps", type=int, default=9, help="timed repetitions, dense and LFP "
+                        "interleaved")
+    parser.add_argument("--full", action="store_true", help="the source's size (d_model 4096), "
+                        "bf16; for a GPU")
+    parser.add_argument("--compile", action="store_true", help="also time the forward through "
+                        "torch.compile (compile time reported apart, outputs checked first)")
+    parser.add_argument("--forward-only", action="store_true", help="leave out forward+backward")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="leave out the profile of one LFP layer")
     args = parser.parse_args()
+    for name in ("width", "batch", "reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        parser.error(f"--device {args.device}: no CUDA device is available")
+    if args.full and not args.device.startswith("cuda"):
+        parser.error("--full is the source's 6.7B-parameter decoder (13 GB in bf16): it needs "
+                     "--device cuda; use --width on the CPU")
     print(f"benchmark: LlamaDecoder alone (the LFP part), the source's layout, 32 layers, "
-          f"{'d_model 4096 bf16' if args.full else f'd_model {args.width} float32'}, batch {args.batch}, "
-          f"device {args.device}, median of {args.reps}, dense and LFP interleaved")
-    if not args.full:
+          f"{'d_model 4096 bf16' if args.full else f'd_model {args.width} float32'}, batch "
+          f"{args.batch}, device {args.device}, median of {args.reps}, dense and LFP interleaved",
+          flush=True)
+    if args.profile and not args.full:
         profile_lfp_layer(width=args.width, batch=args.batch, device=args.device)
-    try:
-        rows = benchmark(width=args.width, batch=args.batch, full=args.full, device=args.device, reps=args.reps)
-    except ValueError as err:   # --full without a GPU
-        raise SystemExit(str(err))
+        if args.compile:
+            profile_lfp_layer(width=args.width, batch=args.batch, device=args.device, compile=True)
+    passes = ("forward",) if args.forward_only else ("forward", "forward+backward")
+    rows = benchmark(width=args.width, batch=args.batch, full=args.full, device=args.device,
+                     reps=args.reps, passes=passes, compile=args.compile,
+                     progress=lambda line: print(line, flush=True))
     print_benchmark_table(rows)

@@ -1590,14 +1590,22 @@ def test_readme_breakpoint_stops_at_the_first_line_of_forward_lfp():
 
 
 def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
-    lines = []
-    rows = bench.benchmark(width=64, batch=1, reps=1, warmup=0, out=lines.append)
+    lines, progress = [], []
+    rows = bench.benchmark(width=64, batch=2, reps=3, warmup=0, out=lines.append, progress=progress.append)
     parsed = [json.loads(line) for line in lines]
     assert parsed == rows
-    assert [(r["schedule"], r["pass"]) for r in rows] == [
-        (s, p) for s in ("source", cm.REFERENCE_SCHEDULE) for p in ("forward", "forward+backward")]
+    assert [(r["schedule"], r["pass"], r["mode"]) for r in rows] == [
+        (s, p, "eager") for s in ("source", cm.REFERENCE_SCHEDULE) for p in ("forward", "forward+backward")]
+    # A line per repetition: what runs, the pair's ratio, how long is left.
+    pattern = r"(\S+) (forward(?:\+backward)?) eager rep [123]/3: dense [\d.]+ ms, LFP [\d.]+ ms, ratio ([\d.]+)  \(ETA \d+ s\)"
+    assert len(progress) == 4 * 3 and all(re.fullmatch(pattern, p) for p in progress), progress
+    ratios = {}
+    for p in progress:
+        schedule, pass_name, ratio = re.fullmatch(pattern, p).groups()
+        ratios.setdefault((schedule, pass_name), []).append(float(ratio))
     for r in rows:
-        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["lfp_ms"], rel=0.01)
+        assert r["lfp_ms_per_chunk"] == pytest.approx(r["lfp_ms"] / 2, abs=0.01)
+        assert r["speedup"] == pytest.approx(sorted(ratios[r["schedule"], r["pass"]])[1], abs=2e-3)  # the median
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"], rel=0.01)
         cfg = bench.bench_config(r["schedule"], 64, full=False)
         assert r["bound"] == pytest.approx(cm.account(cfg, 1).speedup_bound, abs=1e-3)
@@ -1607,6 +1615,23 @@ def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():
     assert timings["LFP layer (forward_lfp)"] > 0 and timings["standard layer on K tokens"] > 0
     # The profile is of the real forward_lfp: its top-k, gather (indexing) and scatter (index_put_) show up by name.
     assert {"op aten::topk", "op aten::index", "op aten::index_put_"} <= set(timings)
+
+
+def test_compiled_timing_checks_the_compiled_decoder_against_eager_first(monkeypatch):
+    """bench.py --compile times nothing before each compiled decoder's output matches eager's (a
+    real compile takes minutes on a CPU: here torch.compile is stood in for, right then wrong)."""
+    cfg = bench.bench_config("source", 64, full=False)
+    llm = bench.build_decoder(dataclasses.replace(cfg, n_layers=32), "cpu", torch.float32)
+    x = torch.randn(1, cfg.seq_len, cfg.d_model)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    lines = []
+    functions, seconds = bench.compiled_forwards(llm, x, "cpu", out=lines.append)
+    with torch.no_grad():
+        assert torch.equal(functions[True](x), llm(x, prune=True)) and set(seconds) == {False, True}
+    assert len(lines) == 2 and "largest difference from eager 0 (tolerance 0.001)" in lines[1]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda x: fn(x) + 0.01)   # a wrong graph
+    with pytest.raises(RuntimeError, match="dense decoder differs from eager by 0.01 .*not timing"):
+        bench.compiled_forwards(llm, x, "cpu", out=lines.append)
 
 
 def test_full_size_benchmark_is_refused_without_a_gpu():
