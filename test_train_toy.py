@@ -84,7 +84,10 @@ def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
         "as trained", "named block dropped at LFP layers 5, 6", "named block dropped at LFP layers 1, 2, 3, 4, 5, 6",
         "other blocks (control) dropped at LFP layers 1, 2, 3, 4, 5, 6", "named block hidden at standard layer 0",
         "named block hidden at standard layer 7", "named block hidden at standard layers 0, 7",
-        "other blocks (control) hidden at standard layers 0, 7"]
+        "other blocks (control) hidden at standard layers 0, 7", "a random choice at every LFP layer, of as many tokens",
+        "a random choice, always keeping the named block's patches"]
+    assert (result["tokens_processed"], result["flop_bound"]) == (round(cm.account(train_toy.toy_config(), 4).token_share, 4),
+                                                                 round(cm.account(train_toy.toy_config(), 4).speedup_bound, 3))
     assert result["where_read"]["as trained"]["success"] == result["success"]   # the same evaluation, untouched
     assert result["chance"]["6"] == pytest.approx(int(192 * 0.2) / 192, abs=1e-4)
 
@@ -167,6 +170,80 @@ def test_toy_withheld_patches_are_not_kept_where_dropped_and_not_seen_where_hidd
     with pytest.raises(ValueError, match="layer 0 is not an LFP layer"):
         with train_toy.patches_withheld(vla, named, drop_at=[0]):
             pass
+
+
+def test_toy_random_router_choice_keeps_as_many_tokens_and_the_named_block_when_asked():
+    """--where-read's other intervention: each LFP layer keeps a random choice of as many tokens
+    (the forced ones still in, the router's probabilities still the weights), or one that always
+    keeps the named block's patches; outside the context the router chooses again."""
+    torch.manual_seed(0)
+    vla = train_toy.ToyPolicy(train_toy.toy_config()).vla.eval()
+    cfg = vla.cfg
+    batch = train_toy.make_batch(4, seed=7)
+    named = batch["named_patches"]                                          # [4, V]
+    routed, random_, with_named, again = [], [], [], []
+    with torch.no_grad():
+        embeds = vla.embed(batch["images"], batch["text_ids"], batch["state"])
+        vla.llm(embeds, records=routed)
+        with train_toy.router_choice_replaced():
+            vla.llm(embeds, records=random_)
+        with train_toy.router_choice_replaced(named):
+            vla.llm(embeds, records=with_named)
+        vla.llm(embeds, records=again)
+    forced = torch.tensor([0] + list(range(cfg.text_start, cfg.seq_len)))
+    for r, x, y, z in zip(routed, random_, with_named, again):
+        assert r.kept_indices.shape == x.kept_indices.shape == y.kept_indices.shape, f"layer {r.layer}: not as many"
+        for kept in (x.kept_indices, y.kept_indices):
+            assert all(set(forced.tolist()) <= set(row.tolist()) for row in kept), f"layer {r.layer}: a forced token out"
+        assert not torch.equal(r.kept_indices, x.kept_indices), f"layer {r.layer}: the router's own choice"
+        if r.layer == routed[0].layer:   # the same input there: the weights are still the router's
+            assert torch.equal(r.keep_probs, x.keep_probs)
+        is_kept = torch.zeros(4, cfg.seq_len, dtype=torch.bool).scatter(1, y.kept_indices, True)[:, 1:cfg.text_start]
+        room = y.kept_indices.shape[1] - len(forced)                        # vision tokens this layer keeps
+        for b in range(4):
+            assert (is_kept[b] & named[b]).sum() == min(int(named[b].sum()), room), f"layer {r.layer}: named block left out"
+        assert torch.equal(r.kept_indices, z.kept_indices), "after the context the router chooses again"
+
+
+def test_toy_layout_every_prunes_at_every_layer_from_the_first():
+    every = train_toy.toy_config(layout="every").lfp_ratios
+    assert list(every) == list(range(8)), "--layout every: no standard layer for the action to read around the routers"
+    assert list(train_toy.toy_config().lfp_ratios) == [1, 2, 3, 4, 5, 6]
+    assert list(train_toy.toy_config().lfp_ratios.values()) == list(cm.SOURCE_SCHEDULE.values())
+
+
+def test_toy_grounding_steps_leave_the_decoder_waiting_and_the_prune_warmup_keeps_every_token(monkeypatch):
+    """--ground-steps 2 --prune-warmup 4, 6 steps: at steps 0-1 only the probe trains (the decoder
+    does not run and its weights stay as they were); at steps 2-3 every LFP layer keeps all 256
+    tokens; from step 4 on each keeps the source's count."""
+    kept, weights, real_forward, real_step = [], [], cm.CogVLA.forward, torch.optim.AdamW.step
+
+    def forward(self, *a, **kw):          # the kept counts of each training forward
+        out = real_forward(self, *a, **kw)
+        if self.training:
+            kept.append([r.kept_indices.shape[1] for r in out.lfp])
+        return out
+
+    def step(self, *a, **kw):             # a decoder weight and a vision weight after each step
+        out = real_step(self, *a, **kw)
+        named = dict(zip(names, self.param_groups[0]["params"]))
+        weights.append((named["vla.llm.layers.3.mlp.up_proj.weight"].clone(),
+                        named["vla.vision.dino.patch_embed.weight"].clone()))
+        return out
+    names = [n for n, _ in train_toy.ToyPolicy(train_toy.toy_config()).named_parameters()]
+    torch.manual_seed(0)
+    init = dict(train_toy.ToyPolicy(train_toy.toy_config()).named_parameters())
+    monkeypatch.setattr(cm.CogVLA, "forward", forward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train_toy.main(["--steps", "6", "--ground-steps", "2", "--prune-warmup", "4", "--no-maps", "--eval-every", "6"]
+                   + SMALL_ARGS, log=lambda *_: None)
+    source = [cm.n_kept_tokens(train_toy.toy_config(), r) for r in cm.SOURCE_SCHEDULE.values()]
+    assert kept == [[256] * 6, [256] * 6, source, source], kept        # steps 2, 3 (warm-up), 4, 5
+    decoder, vision = zip(*weights)
+    start = init["vla.llm.layers.3.mlp.up_proj.weight"].detach()
+    assert torch.equal(decoder[0], start) and torch.equal(decoder[1], start), "the decoder trained in a grounding step"
+    assert not torch.equal(decoder[2], start), "the decoder did not train after the grounding steps"
+    assert not torch.equal(vision[0], init["vla.vision.dino.patch_embed.weight"].detach()), "the probe did not train"
 
 
 @pytest.mark.parametrize("flags", [["--dense"], ["--tokens", "agg", "--ground-weight", "0"]])

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import cogvla_mini
 from cogvla_mini import SOURCE_SCHEDULE, CogVLA, CogVLAConfig
 
 # %% The synthetic task ========================================================================
@@ -63,11 +64,17 @@ VIEWS = [(0, 1), (0, 2), (1, 2)]     # top: x-y, front: x-z, side: y-z
 DEPTH = [2, 1, 0]                    # top looks down z, front along y, side along x
 
 
-def toy_config(tokens: str = "patch", film: bool = True, n_layers: int = 8) -> CogVLAConfig:
-    """The tiny preset at 8 layers with the source's six keep ratios on layers 1..6 (the last
-    layer stays standard, as the source's layer 31 does)."""
-    schedule = dict(zip(range(1, 7), SOURCE_SCHEDULE.values()))
-    return CogVLAConfig.tiny(n_layers=n_layers, schedule=schedule, vocab_size=len(VOCAB),
+# Where the LFP layers sit. "source": the source's six keep ratios on layers 1..6, between
+# standard layers (the last stays standard, as the source's layer 31 does). "every": every layer
+# prunes from the first on, as the reference code prunes every layer from its start: no
+# unpruned layer lets the action read around the routers.
+LAYOUTS = {"source": dict(zip(range(1, 7), SOURCE_SCHEDULE.values())),
+           "every": dict(enumerate([0.5, 0.4, 0.3, 0.25, 0.2, 0.2, 0.2, 0.2]))}
+
+
+def toy_config(tokens: str = "patch", film: bool = True, layout: str = "source") -> CogVLAConfig:
+    """The tiny preset at 8 layers, LFP where `layout` says."""
+    return CogVLAConfig.tiny(n_layers=8, schedule=LAYOUTS[layout], vocab_size=len(VOCAB),
                              bos_id=WORD_ID["<bos>"], image_size=IMAGE_SIZE, patch_size=PATCH,
                              n_agg_tokens=0 if tokens == "patch" else 64, router_film=film,
                              attn_impl="sdpa")
@@ -157,8 +164,14 @@ class ToyPolicy(nn.Module):
         self.vla = CogVLA(cfg)
         self.probe = nn.Linear(cfg.d_model, 1)
 
-    def forward(self, batch: dict, prune: bool, ground: bool):
-        """-> (action L1 loss, grounding loss or None)."""
+    def forward(self, batch: dict, prune: bool, ground: bool, decoder: bool = True):
+        """-> (action L1 loss or None, grounding loss or None). decoder=False: the probe's loss
+        alone, from the vision tokens (the decoder does not run)."""
+        if not decoder:
+            vla = self.vla
+            vision = vla.embed(batch["images"], batch["text_ids"], batch["state"])
+            vision = vision[:, vla.cfg.vision_start:vla.cfg.text_start]
+            return None, self.grounding_loss(vision, batch["named_patches"])
         out = self.vla(batch["images"], batch["text_ids"], batch["state"], batch["actions"],
                        prune=prune)
         if not ground:
@@ -265,7 +278,8 @@ def load_checkpoint(path: str, model, optimizer, args, world: int) -> int:
     if "world" not in ckpt:
         raise SystemExit(f"--resume: {path} was made by an older train_toy.py (no process count, "
                          f"no grounding probe); start a new run")
-    for key in ("seed", "steps", "batch_size", "lr", "dense", "tokens", "no_film", "ground_weight"):
+    for key in ("seed", "steps", "batch_size", "lr", "dense", "tokens", "no_film", "ground_weight",
+                "ground_steps", "prune_warmup", "layout"):
         if ckpt["args"][key] != getattr(args, key):
             raise SystemExit(f"--resume: the checkpoint was made with --{key.replace('_', '-')}="
                              f"{ckpt['args'][key]!r}, this run has {getattr(args, key)!r}; resume "
@@ -330,16 +344,18 @@ def sigint_at_step_boundary():
         signal.signal(signal.SIGINT, previous)
 
 
-def losses(net, batch: dict, dense: bool, args, device, world: int):
+def losses(net, batch: dict, dense: bool, args, device, world: int, step: int):
     """One forward pass -> (loss, action loss, grounding loss or None, error or None, fatal).
+    The first --ground-steps steps train the probe alone (no action loss: the decoder waits).
     An inf/NaN (a non-finite loss, or an LFP layer's FloatingPointError) is an error to stop
     at; any other exception, under DDP, is returned (fatal) so that every rank stops together,
     and alone is raised."""
-    ground = args.ground_weight > 0
+    ground, decoder = args.ground_weight > 0, step >= args.ground_steps
     try:
         with autocast(device):
-            action_loss, ground_loss = net(batch, prune=not dense, ground=ground)
-        loss = action_loss + args.ground_weight * ground_loss if ground else action_loss
+            action_loss, ground_loss = net(batch, prune=not dense, ground=ground, decoder=decoder)
+        loss = (args.ground_weight * ground_loss if not decoder else
+                action_loss + args.ground_weight * ground_loss if ground else action_loss)
         error = None if torch.isfinite(loss) else f"non-finite loss {loss.item()}"
         return loss, action_loss, ground_loss, error, False
     except FloatingPointError as err:
@@ -389,6 +405,21 @@ def stop_if_failed_or_interrupted(run: dict, step: int, error, fatal: bool, inte
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def every_token_kept(model: CogVLA, warming_up: bool):
+    """During --prune-warmup every LFP layer keeps all its tokens: its router still weights each
+    token's MLP output, so it learns which tokens matter before it has to drop any."""
+    layers = [l for l in model.llm.layers if isinstance(l, cogvla_mini.LFPDecoderLayer)]
+    kept = [l.n_keep for l in layers]
+    for layer in layers if warming_up else []:
+        layer.n_keep = model.cfg.seq_len
+    try:
+        yield
+    finally:
+        for layer, n in zip(layers, kept):
+            layer.n_keep = n
+
+
 def save_if_finite(run: dict, step: int):
     """A finite loss can still give non-finite gradients and then weights: never save those over
     the last good checkpoint. Every rank checks its (identical) copy, so all stop together."""
@@ -406,7 +437,7 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
     device = torch.device(args.device if world == 1 or args.device == "cpu"
                           else f"cuda:{local_rank}")
     torch.manual_seed(args.seed)                           # identical initial weights on every rank
-    cfg = toy_config(args.tokens, film)
+    cfg = toy_config(args.tokens, film, args.layout)
     policy = ToyPolicy(cfg).to(device)
     model = policy.vla
     # beta2 0.95, as Llama was trained, not PyTorch's 0.999: the gradients' scale changes within
@@ -426,15 +457,19 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
         step = load_checkpoint(ckpt_path, policy, optimizer, args, world)
         log(f"[{mode}] resumed from {ckpt_path} at step {step}")
     net = policy
-    if world > 1:   # dense runs no router, a run without the probe's loss no probe: DDP must know
+    if world > 1:   # dense runs no router, a run without the probe's loss no probe, a grounding
+        # step no decoder: DDP must know
+        unused = dense or not args.ground_weight or args.ground_steps > 0
         net = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda"
-                                      else None, find_unused_parameters=dense or not args.ground_weight)
+                                      else None, find_unused_parameters=unused)
     eval_data = make_batch(args.eval_size, seed=10_000_019 + args.seed)      # held out: own seed
     curve_data = {k: v[:args.curve_size] for k, v in eval_data.items()}     # the curve's subset
     start_time, start_step = time.time(), step
     log(f"[{mode}] {sum(p.numel() for p in model.parameters()):,} parameters, {args.tokens} "
-        f"tokens, router FiLM {'on' if film else 'off'}, grounding probe weight "
-        f"{args.ground_weight:g}, {world} process(es) x batch {args.batch_size}, {args.steps} steps")
+        f"tokens, {args.layout} layout, router FiLM {'on' if film else 'off'}, grounding probe "
+        f"weight {args.ground_weight:g} (alone for the first {args.ground_steps} steps), every "
+        f"token kept for the first {args.prune_warmup}, {world} process(es) x batch "
+        f"{args.batch_size}, {args.steps} steps")
     with sigint_at_step_boundary() as interrupt:
         while step < args.steps:
             # Each (step, rank) has its own batch: rank r of w sees its own shard of the stream.
@@ -442,8 +477,9 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
             batch = {k: v.to(device) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
-            loss, action_loss, ground_loss, error, fatal = losses(net, batch, dense, args, device,
-                                                                  world)
+            with every_token_kept(model, step < args.prune_warmup):
+                loss, action_loss, ground_loss, error, fatal = losses(net, batch, dense, args,
+                                                                      device, world, step)
             stop_if_failed_or_interrupted(run, step, error, fatal, interrupt.is_set())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -452,7 +488,7 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
             step += 1
             if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                 rate = (step - start_step) / (time.time() - start_time)
-                line = f"loss {action_loss.item():.4f}"
+                line = f"loss {action_loss.item():.4f}" if action_loss is not None else "loss -"
                 if ground_loss is not None:
                     line += f"  grounding {ground_loss.item():.4f}"
                 if step % args.eval_every == 0 or step == args.steps:  # a multiple of log_every
@@ -471,8 +507,11 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
         log(keep_maps(model, eval_data, device))
     if args.where_read and not dense:
         metrics["where_read"] = where_the_block_is_read(model, eval_data, metrics, device, log)
+    cost = cogvla_mini.account(cfg, args.batch_size)   # what pruning saves, bounded by FLOPs
+    tokens, bound = (1.0, 1.0) if dense else (round(cost.token_share, 4), round(cost.speedup_bound, 3))
     return dict(mode=mode, tokens=args.tokens, film=film, ground_weight=args.ground_weight,
-                steps=step, seconds=round(seconds, 1), **metrics)
+                steps=step, seconds=round(seconds, 1), tokens_processed=tokens, flop_bound=bound,
+                **metrics)
 
 
 # %% Main ======================================================================================
@@ -484,6 +523,8 @@ def print_table(runs: list[dict], log=say):
     log(f"{'success (within 0.25)':<24}" + "".join(f"{r['success']:>14.1%}" for r in runs))
     log(f"{'within 0.15':<24}" + "".join(f"{r['success_015']:>14.1%}" for r in runs))
     log(f"{'train seconds':<24}" + "".join(f"{r['seconds']:>14.1f}" for r in runs))
+    log(f"{'tokens processed':<24}" + "".join(f"{r['tokens_processed']:>14.1%}" for r in runs))
+    log(f"{'FLOP-bound speedup':<24}" + "".join(f"{r['flop_bound']:>13.3f}x" for r in runs))
     for layer in sorted({l for r in runs for l in (r["chance"] or {})}):
         cells = []   # the named block's patches kept, the other blocks', and chance
         for r in runs:
@@ -512,6 +553,12 @@ def parse_args(argv=None):
     p.add_argument("--ground-weight", type=float, default=None,
                    help="weight of the grounding probe's loss (default 1 with patch tokens, 0 = off; "
                         "agg tokens have no patches to label, so it must stay 0 there)")
+    p.add_argument("--ground-steps", type=int, default=0, help="the first steps train the "
+                   "grounding probe alone, the decoder waiting (cheap: the vision tower only)")
+    p.add_argument("--prune-warmup", type=int, default=0, help="steps in which every LFP layer "
+                   "keeps all its tokens (its router still weighting their MLPs)")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="source", help="the LFP layers: "
+                   "'source' (layers 1-6, between standard ones) or 'every' (all 8 prune)")
     p.add_argument("--eval-size", type=int, default=512, help="held-out scenes (fixed seed)")
     p.add_argument("--curve-size", type=int, default=128,
                    help="held-out scenes of the learning-curve lines")
@@ -537,6 +584,11 @@ def parse_args(argv=None):
                 "--tokens patch and no --dense")
     if args.ground_weight is None:
         args.ground_weight = 1.0 if args.tokens == "patch" else 0.0
+    if args.ground_steps and not (args.ground_weight > 0 and args.ground_steps < args.steps):
+        p.error(f"--ground-steps trains the grounding probe alone: it needs --ground-weight > 0 "
+                f"and fewer steps than --steps ({args.steps}), got {args.ground_steps}")
+    if args.ground_steps < 0 or args.prune_warmup < 0:
+        p.error("--ground-steps and --prune-warmup must be >= 0")
     if args.ground_weight < 0 or (args.ground_weight > 0 and args.tokens == "agg"):
         p.error(f"--ground-weight must be >= 0, and 0 with --tokens agg (no patches to label), "
                 f"got {args.ground_weight:g} with --tokens {args.tokens}")
@@ -621,6 +673,28 @@ def patches_withheld(model: CogVLA, patches, drop_at=(), hide_at=()):
             hook.remove()
 
 
+@contextlib.contextmanager
+def router_choice_replaced(patches=None, seed=0):
+    """For the passes run inside, every LFP layer keeps a random choice of as many tokens as its
+    router would (BOS, text and action still forced in; the router's probabilities still weight
+    the MLPs); with `patches` [B, V] (the named block's, say), a random choice that always keeps
+    those. If success falls under a random choice but not under one that keeps the named block,
+    the router's choice matters, and for finding the block."""
+    generator, real = torch.Generator().manual_seed(seed), cogvla_mini.select
+
+    def random_choice(keep_prob, k, cfg):
+        scores = torch.rand(keep_prob.shape, generator=generator).to(keep_prob.device)   # [B, N]
+        if patches is not None:
+            scores[:, cfg.vision_start:cfg.text_start] += 2.0 * patches   # above any other patch
+        return real(scores, k, cfg)
+
+    cogvla_mini.select = random_choice       # forward_lfp calls the module's select
+    try:
+        yield
+    finally:
+        cogvla_mini.select = real
+
+
 def where_the_block_is_read(model: CogVLA, data: dict, as_trained: dict, device, log=print) -> dict:
     """If success holds when the router may not keep the named block at a layer, the action does
     not need it there, whatever the keep shares say. The control withholds the two other blocks
@@ -637,10 +711,13 @@ def where_the_block_is_read(model: CogVLA, data: dict, as_trained: dict, device,
              f"{other} dropped at LFP layers {listed(lfp)}": ("other_patches", dict(drop_at=lfp))}
     cases.update({f"{named} hidden at standard layer {i}": ("named_patches", dict(hide_at=[i]))
                   for i in standard})
-    cases[f"{named} hidden at standard layers {listed(standard)}"] = ("named_patches",
-                                                                     dict(hide_at=standard))
-    cases[f"{other} hidden at standard layers {listed(standard)}"] = ("other_patches",
-                                                                     dict(hide_at=standard))
+    if standard:
+        cases[f"{named} hidden at standard layers {listed(standard)}"] = ("named_patches",
+                                                                         dict(hide_at=standard))
+        cases[f"{other} hidden at standard layers {listed(standard)}"] = ("other_patches",
+                                                                         dict(hide_at=standard))
+    cases["a random choice at every LFP layer, of as many tokens"] = (None, {})
+    cases["a random choice, always keeping the named block's patches"] = ("named_patches", {})
     log(f"which layers the action needs the named block in ({len(data['state'])} held-out scenes; "
         f"dropped: the router may not keep those patches; hidden: text, state and queries may "
         f"not attend to them):")
@@ -648,7 +725,9 @@ def where_the_block_is_read(model: CogVLA, data: dict, as_trained: dict, device,
     results, width = {"as trained": {k: as_trained[k] for k in keys}}, max(map(len, cases))
     for name, (which, where) in cases.items():
         # One batch of all the scenes, so that the withheld patches line up with it.
-        with patches_withheld(model, data[which].to(device), **where):
+        patches = data[which].to(device) if which else None
+        with (router_choice_replaced(patches) if name.startswith("a random") else
+              patches_withheld(model, patches, **where)):
             m = evaluate(model, data, prune=True, device=device, batch_size=len(data["state"]))
         results[name] = {k: m[k] for k in keys}
     for name, m in results.items():
