@@ -81,7 +81,7 @@ def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
     assert set(result["kept_share"]) == set(result["kept_share_other"]) == set(result["chance"]) \
         == {"1", "2", "3", "4", "5", "6"}
     assert list(result["where_read"]) == [
-        "as trained", "named block dropped at LFP layers 5, 6", "named block dropped at LFP layers 1, 2, 3, 4, 5, 6",
+        "as trained", "as trained, but run dense (no token pruned)", "named block dropped at LFP layers 5, 6", "named block dropped at LFP layers 1, 2, 3, 4, 5, 6",
         "other blocks (control) dropped at LFP layers 1, 2, 3, 4, 5, 6", "named block hidden at standard layer 0",
         "named block hidden at standard layer 7", "named block hidden at standard layers 0, 7",
         "other blocks (control) hidden at standard layers 0, 7", "a random choice at every LFP layer, of as many tokens",

@@ -723,6 +723,8 @@ def where_the_block_is_read(model: CogVLA, data: dict, as_trained: dict, device,
         f"not attend to them):")
     keys = ("nearest", "success", "success_015")
     results, width = {"as trained": {k: as_trained[k] for k in keys}}, max(map(len, cases))
+    dense = evaluate(model, data, prune=False, device=device)   # the same weights, nothing pruned
+    results["as trained, but run dense (no token pruned)"] = {k: dense[k] for k in keys}
     for name, (which, where) in cases.items():
         # One batch of all the scenes, so that the withheld patches line up with it.
         patches = data[which].to(device) if which else None
