@@ -579,7 +579,8 @@ def parse_args(argv=None):
                    help="do not print the ASCII keep maps")
     p.add_argument("--where-read", action="store_true",
                    help="after an LFP run, evaluate again with the named block withheld from chosen "
-                        "layers: which layers does the action need it in? (8 more evaluations)")
+                        "layers, with random router choices and with nothing pruned: which layers "
+                        "does the action need it in, and does the routers' choice matter?")
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out DIR, the directory of the run to continue")
