@@ -257,6 +257,19 @@ def test_toy_grounding_steps_leave_the_decoder_waiting_and_the_prune_warmup_keep
     assert not torch.equal(vision[0], init["vla.vision.dino.patch_embed.weight"].detach()), "the probe did not train"
 
 
+@pytest.mark.parametrize("flags, steps", [([], 100), (["--ground-weight", "0"], 0), (["--tokens", "agg"], 0),
+                                          (["--ground-steps", "7"], 7)])
+def test_toy_probe_only_steps_follow_the_probe_unless_given(flags, steps):
+    """Turning the probe off (or agg tokens, which have no probe) needs no second flag."""
+    assert train_toy.parse_args(flags).ground_steps == steps
+
+
+def test_toy_probe_only_steps_without_a_probe_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_toy.parse_args(["--ground-weight", "0", "--ground-steps", "5"])
+    assert "--ground-steps trains the grounding probe alone: it needs --ground-weight > 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags", [["--dense"], ["--tokens", "agg", "--ground-weight", "0"]])
 def test_toy_where_read_is_refused_without_an_lfp_model_on_patches(flags, capsys):
     with pytest.raises(SystemExit):

@@ -472,11 +472,14 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
     eval_data = make_batch(args.eval_size, seed=10_000_019 + args.seed)      # held out: own seed
     curve_data = {k: v[:args.curve_size] for k, v in eval_data.items()}     # the curve's subset
     start_time, start_step = time.time(), step
+    probe = (f"grounding probe weight {args.ground_weight:g}" if args.ground_weight else
+             "grounding probe off") + (f" (alone for the first {args.ground_steps} steps)"
+                                       if args.ground_steps else "")
+    warmup = (f", every token kept for the first {args.prune_warmup} steps" if args.prune_warmup
+              else "")
     log(f"[{mode}] {sum(p.numel() for p in model.parameters()):,} parameters, {args.tokens} "
-        f"tokens, {args.layout} layout, router FiLM {'on' if film else 'off'}, grounding probe "
-        f"weight {args.ground_weight:g} (alone for the first {args.ground_steps} steps), every "
-        f"token kept for the first {args.prune_warmup}, {world} process(es) x batch "
-        f"{args.batch_size}, {args.steps} steps")
+        f"tokens, {args.layout} layout, router FiLM {'on' if film else 'off'}, {probe}{warmup}, "
+        f"{world} process(es) x batch {args.batch_size}, {args.steps} steps")
     with sigint_at_step_boundary() as interrupt:
         while step < args.steps:
             # Each (step, rank) has its own batch: rank r of w sees its own shard of the stream.
@@ -560,9 +563,9 @@ def parse_args(argv=None):
     p.add_argument("--ground-weight", type=float, default=None,
                    help="weight of the grounding probe's loss (default 1 with patch tokens, 0 = off; "
                         "agg tokens have no patches to label, so it must stay 0 there)")
-    p.add_argument("--ground-steps", type=int, default=100, help="the first steps train the "
-                   "grounding probe alone, the decoder waiting (cheap: the vision tower only; 0 = "
-                   "off)")
+    p.add_argument("--ground-steps", type=int, default=None, help="the first steps train the "
+                   "grounding probe alone, the decoder waiting (cheap: the vision tower only; "
+                   "default 100 with the probe on, 0 = off)")
     p.add_argument("--prune-warmup", type=int, default=300, help="the first steps in which every "
                    "LFP layer keeps all its tokens, its router still weighting their MLPs (0 = off)")
     p.add_argument("--layout", choices=list(LAYOUTS), default="source", help="the LFP layers: "
@@ -593,6 +596,8 @@ def parse_args(argv=None):
                 "--tokens patch and no --dense")
     if args.ground_weight is None:
         args.ground_weight = 1.0 if args.tokens == "patch" else 0.0
+    if args.ground_steps is None:
+        args.ground_steps = 100 if args.ground_weight > 0 else 0
     if args.ground_steps and not (args.ground_weight > 0 and args.ground_steps < args.steps):
         p.error(f"--ground-steps trains the grounding probe alone: it needs --ground-weight > 0 "
                 f"and fewer steps than --steps ({args.steps}), got {args.ground_steps}")
