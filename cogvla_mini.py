@@ -420,7 +420,8 @@ def shifted_schedule(curve, average: float, top: float, floor: float, n_layers: 
     """The reference's rule: a layer prunes where the curve is at or below `top` (max), and its
     ratio is floored at `floor` (min) -> {layer: ratio}."""
     # --- exercise schedule ---
-    return {l: max(r, floor) for l in range(n_layers) if (r := curve(average, l, n_layers)) <= top}
+    ratios = {l: curve(average, l, n_layers) for l in range(n_layers)}
+    return {l: max(r, floor) for l, r in ratios.items() if r <= top}
 
 
 # The source names layers 5, 10, ..., 30 and prints token counts 227/207/179/140/115/102. Its

@@ -1634,6 +1634,19 @@ def test_compiled_timing_checks_the_compiled_decoder_against_eager_first(monkeyp
         bench.compiled_forwards(llm, x, "cpu", out=lines.append)
 
 
+def test_the_pruned_decoder_traces_as_one_graph_for_torch_compile():
+    """bench.py --compile needs the whole decoder as one graph (fullgraph=True): no Python in its
+    forward that TorchDynamo cannot trace, on the reference schedule's path too. Dynamo alone
+    (backend "eager", no code generation) on 4 layers, 3 of them pruning, in a few seconds."""
+    cfg = cm.CogVLAConfig.tiny(schedule=cm.REFERENCE_SCHEDULE, n_layers=4, check_values=False)
+    llm = cm.LlamaDecoder(cfg).eval()
+    assert len(cfg.lfp_ratios) == 3
+    x = torch.randn(1, cfg.seq_len, cfg.d_model)
+    traced = torch.compile(lambda x: llm(x, prune=True), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(traced(x), llm(x, prune=True), 1e-6, what="the traced LFP decoder")
+
+
 def test_full_size_benchmark_is_refused_without_a_gpu():
     with pytest.raises(ValueError, match="needs a GPU, got device 'cpu'"):
         bench.benchmark(full=True, device="cpu")
