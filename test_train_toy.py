@@ -264,10 +264,13 @@ def test_toy_probe_only_steps_follow_the_probe_unless_given(flags, steps):
     assert train_toy.parse_args(flags).ground_steps == steps
 
 
-def test_toy_probe_only_steps_without_a_probe_are_refused(capsys):
+def test_toy_probe_only_steps_without_a_probe_or_beyond_the_run_are_refused(capsys):
     with pytest.raises(SystemExit):
         train_toy.parse_args(["--ground-weight", "0", "--ground-steps", "5"])
     assert "--ground-steps trains the grounding probe alone: it needs --ground-weight > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_toy.parse_args(["--steps", "50"])   # shorter than the default probe-only start
+    assert "got 100 (its default; pass --ground-steps 0 or more --steps)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags", [["--dense"], ["--tokens", "agg", "--ground-weight", "0"]])

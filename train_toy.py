@@ -596,11 +596,13 @@ def parse_args(argv=None):
                 "--tokens patch and no --dense")
     if args.ground_weight is None:
         args.ground_weight = 1.0 if args.tokens == "patch" else 0.0
-    if args.ground_steps is None:
+    given = args.ground_steps is not None
+    if not given:
         args.ground_steps = 100 if args.ground_weight > 0 else 0
     if args.ground_steps and not (args.ground_weight > 0 and args.ground_steps < args.steps):
         p.error(f"--ground-steps trains the grounding probe alone: it needs --ground-weight > 0 "
-                f"and fewer steps than --steps ({args.steps}), got {args.ground_steps}")
+                f"and fewer steps than --steps ({args.steps}), got {args.ground_steps}"
+                f"{'' if given else ' (its default; pass --ground-steps 0 or more --steps)'}")
     if args.ground_steps < 0 or args.prune_warmup < 0:
         p.error("--ground-steps and --prune-warmup must be >= 0")
     if args.ground_weight < 0 or (args.ground_weight > 0 and args.tokens == "agg"):
