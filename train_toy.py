@@ -3,10 +3,10 @@
 The task cannot be solved without reading the instruction and looking at the right place:
 three coloured blocks (of four colours) sit at random 3-D positions over a table, seen by a
 top, a front and a side camera (each view shows only two of the three coordinates, so the 3-D
-position needs two views; each camera sees the table in its own dark shade). The instruction names one block by colour and a verb ("pick"
-or "push"); the state is the gripper's 3-D position. The target is a chunk of 10 actions
-(dx, dy, dz, gripper) that moves the gripper in equal steps onto the named block, with the
-gripper closed (+1) to pick and open (-1) to push.
+position needs two views; each camera sees the table in its own dark shade). The instruction
+names one block by colour and a verb ("pick" or "push"); the state is the gripper's 3-D
+position. The target is a chunk of 10 actions (dx, dy, dz, gripper) that moves the gripper in
+equal steps onto the named block, with the gripper closed (+1) to pick and open (-1) to push.
 
 Besides the action loss, a grounding probe (see ToyPolicy; --ground-weight, 0 turns it off)
 teaches the vision tower which block the words name. The LFP routers are never given labels.
