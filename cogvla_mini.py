@@ -374,7 +374,6 @@ class LFPDecoderLayer(DecoderLayer):
     # The router weight of every kept token, force-kept ones included, is its softmax
     # probability (the source's code; its narrative says 1.0 for the forced ones). It scales
     # the MLP's output: the only path by which the loss's gradient reaches the router.
-    # Re-indexed positions (the source's) give each kept token its place among the kept.
     def forward_lfp(self, x, position_ids, rope, records=None):
         # --- exercise lfp_layer ---
         B, N, D = x.shape
