@@ -78,31 +78,6 @@ def test_toy_other_instruction_on_the_same_scene_changes_the_target():
     assert pick["actions"][..., 3].eq(1.0).all()
 
 
-def test_toy_run_lowers_the_loss_and_ends_with_one_json_line():
-    lines = []
-    train_toy.main(["--steps", "20", "--no-maps", "--where-read"] + TOY_ARGS, log=lines.append)
-    losses = [float(l.split("loss ")[1].split()[0]) for l in lines if " loss " in l]
-    assert len(losses) == 20
-    curve = [l for l in lines if "held-out" in l and " step " in l]
-    assert len(curve) == 1 and "step    20/20" in curve[0] and "nearest" in curve[0]   # --eval-every 50: the last step
-    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
-    result = json.loads(lines[-1])
-    assert result["mode"] == "lfp" and result["steps"] == 20
-    assert 0 <= result["success"] <= 1 and result["l1"] > 0
-    assert set(result["kept_share"]) == set(result["kept_share_other"]) == set(result["chance"]) \
-        == {"1", "2", "3", "4", "5", "6"}
-    assert list(result["where_read"]) == [
-        "as trained", "as trained, but run dense (no token pruned)", "named block dropped at LFP layers 5, 6", "named block dropped at LFP layers 1, 2, 3, 4, 5, 6",
-        "other blocks (control) dropped at LFP layers 1, 2, 3, 4, 5, 6", "named block hidden at standard layer 0",
-        "named block hidden at standard layer 7", "named block hidden at standard layers 0, 7",
-        "other blocks (control) hidden at standard layers 0, 7", "a random choice at every LFP layer, of as many tokens",
-        "a random choice, always keeping the named block's patches"]
-    assert (result["tokens_processed"], result["flop_bound"]) == (round(cm.account(train_toy.toy_config(), 4).token_share, 4),
-                                                                 round(cm.account(train_toy.toy_config(), 4).speedup_bound, 3))
-    assert result["where_read"]["as trained"]["success"] == result["success"]   # the same evaluation, untouched
-    assert result["chance"]["6"] == pytest.approx(int(192 * 0.2) / 192, abs=1e-4)
-
-
 def test_toy_grounding_loss_reaches_the_vision_tower_and_never_the_decoder():
     torch.manual_seed(0)
     policy = train_toy.ToyPolicy(train_toy.toy_config())
@@ -172,13 +147,6 @@ def test_toy_probe_only_steps_without_a_probe_or_beyond_the_run_are_refused(caps
     with pytest.raises(SystemExit):
         train_toy.parse_args(["--steps", "50"])   # shorter than the default probe-only start
     assert "got 100 (its default; pass --ground-steps 0 or more --steps)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flags", [["--dense"], ["--tokens", "agg", "--ground-weight", "0"]])
-def test_toy_where_read_is_refused_without_an_lfp_model_on_patches(flags, capsys):
-    with pytest.raises(SystemExit):
-        train_toy.parse_args(["--where-read"] + flags)
-    assert "--where-read withholds the named block's patches from an LFP model" in capsys.readouterr().err
 
 
 def test_toy_grounding_probe_alone_teaches_the_vision_tower_to_mark_the_named_block():

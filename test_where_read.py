@@ -1,11 +1,59 @@
 """Executable claims about where_read.py: its interventions withhold exactly what they say."""
 
+import json
+
 import pytest
 import torch
 
 import cogvla_mini as cm
 import train_toy
 import where_read
+
+TOY_ARGS = ["--batch-size", "4", "--eval-size", "4", "--log-every", "1", "--ground-steps", "0", "--prune-warmup", "0"]
+
+
+def test_toy_run_lowers_the_loss_and_ends_with_one_json_line_and_the_study_of_it(tmp_path):
+    """where_read.py trains as train_toy.py does (the same lines, the same JSON) and adds the
+    study; studying the checkpoint the run saved gives the same numbers again."""
+    lines = []
+    where_read.main(["--steps", "20", "--no-maps", "--out", str(tmp_path)] + TOY_ARGS, log=lines.append)
+    losses = [float(l.split("loss ")[1].split()[0]) for l in lines if " loss " in l]
+    assert len(losses) == 20
+    curve = [l for l in lines if "held-out" in l and " step " in l]
+    assert len(curve) == 1 and "step    20/20" in curve[0] and "nearest" in curve[0]   # --eval-every 50: the last step
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+    result = json.loads(lines[-1])
+    assert result["mode"] == "lfp" and result["steps"] == 20
+    assert 0 <= result["success"] <= 1 and result["l1"] > 0
+    assert set(result["kept_share"]) == set(result["kept_share_other"]) == set(result["chance"]) \
+        == {"1", "2", "3", "4", "5", "6"}
+    assert list(result["where_read"]) == [
+        "as trained", "as trained, but run dense (no token pruned)", "named block dropped at LFP layers 5, 6", "named block dropped at LFP layers 1, 2, 3, 4, 5, 6",
+        "other blocks (control) dropped at LFP layers 1, 2, 3, 4, 5, 6", "named block hidden at standard layer 0",
+        "named block hidden at standard layer 7", "named block hidden at standard layers 0, 7",
+        "other blocks (control) hidden at standard layers 0, 7", "a random choice at every LFP layer, of as many tokens",
+        "a random choice, always keeping the named block's patches"]
+    assert (result["tokens_processed"], result["flop_bound"]) == (round(cm.account(train_toy.toy_config(), 4).token_share, 4),
+                                                                 round(cm.account(train_toy.toy_config(), 4).speedup_bound, 3))
+    assert result["where_read"]["as trained"]["success"] == result["success"]   # the same evaluation, untouched
+    assert result["chance"]["6"] == pytest.approx(int(192 * 0.2) / 192, abs=1e-4)
+    again = where_read.study_checkpoint(str(tmp_path / "lfp.pt"), "cpu", log=lambda *_: None)
+    assert again["where_read"] == result["where_read"], "the saved model, studied, gives other numbers"
+
+
+@pytest.mark.parametrize("flags", [["--dense"], ["--tokens", "agg", "--ground-weight", "0"]])
+def test_where_read_is_refused_without_an_lfp_model_on_patches(flags, capsys):
+    with pytest.raises(SystemExit):
+        where_read.main(flags)
+    assert "the study withholds the named block's patches from an LFP model" in capsys.readouterr().err
+
+
+def test_where_read_refuses_a_checkpoint_it_cannot_read_or_mixed_with_training_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--checkpoint: cannot read"):
+        where_read.main(["--checkpoint", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit):
+        where_read.main(["--checkpoint", str(tmp_path / "lfp.pt"), "--seed", "3"])
+    assert "leave out --seed 3" in capsys.readouterr().err
 
 
 def test_toy_withheld_patches_are_not_kept_where_dropped_and_not_seen_where_hidden():

@@ -15,8 +15,8 @@ teaches the vision tower which block the words name. The LFP routers are never g
     python train_toy.py --compare       # dense and LFP from the same seed, side by side
     python train_toy.py --no-film       # LFP without the router's FiLM (the ablation)
     python train_toy.py --tokens agg    # CogVLA's aggregation tokens instead of patches
-    python train_toy.py --where-read    # then: which layers does the action need the block in?
     torchrun --standalone --nproc_per_node=2 train_toy.py   # DistributedDataParallel
+    python where_read.py                # train so, then: where does the action read the block?
 
 Everything is generated here; nothing is downloaded. The last line printed is one JSON
 object with the final metrics.
@@ -196,6 +196,11 @@ class ToyPolicy(nn.Module):
 def autocast(device):
     """bf16 autocast on CUDA; plain float32 on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def held_out(args) -> dict:
+    """The held-out scenes: a seed of their own, never one of the training stream's."""
+    return make_batch(args.eval_size, seed=10_000_019 + args.seed)
 
 
 @torch.no_grad()
@@ -438,8 +443,10 @@ def save_if_finite(run: dict, step: int):
                         run["cfg"], run["world"])
 
 
-def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say) -> dict:
-    """Train one model; returns the final metrics (on rank 0)."""
+def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say, study=None) -> dict:
+    """Train one model; returns the final metrics (on rank 0). `study(model, eval_data, metrics,
+    device, log)`, if given, studies the trained LFP model (where_read.py's); its result is
+    added to the metrics as "where_read"."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device(args.device if world == 1 or args.device == "cpu"
                           else f"cuda:{local_rank}")
@@ -469,7 +476,7 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
         unused = dense or not args.ground_weight or args.ground_steps > 0
         net = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda"
                                       else None, find_unused_parameters=unused)
-    eval_data = make_batch(args.eval_size, seed=10_000_019 + args.seed)      # held out: own seed
+    eval_data = held_out(args)
     curve_data = {k: v[:args.curve_size] for k, v in eval_data.items()}     # the curve's subset
     start_time, start_step = time.time(), step
     probe = (f"grounding probe weight {args.ground_weight:g}" if args.ground_weight else
@@ -515,9 +522,8 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say)
     metrics = evaluate(model, eval_data, prune=not dense, device=device)
     if args.tokens == "patch" and not dense and args.maps:
         log(keep_maps(model, eval_data, device))
-    if args.where_read and not dense:
-        from where_read import where_the_block_is_read
-        metrics["where_read"] = where_the_block_is_read(model, eval_data, metrics, device, log)
+    if study and not dense:
+        metrics["where_read"] = study(model, eval_data, metrics, device, log)
     cost = cogvla_mini.account(cfg, args.batch_size)   # what pruning saves, bounded by FLOPs
     tokens, bound = (1.0, 1.0) if dense else (round(cost.token_share, 4), round(cost.speedup_bound, 3))
     return dict(mode=mode, tokens=args.tokens, film=film, ground_weight=args.ground_weight,
@@ -581,10 +587,6 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=25, help="steps between progress lines")
     p.add_argument("--no-maps", dest="maps", action="store_false",
                    help="do not print the ASCII keep maps")
-    p.add_argument("--where-read", action="store_true",
-                   help="after an LFP run, evaluate again with the named block withheld from chosen "
-                        "layers, with random router choices and with nothing pruned: which layers "
-                        "does the action need it in, and does the routers' choice matter?")
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out DIR, the directory of the run to continue")
@@ -592,9 +594,6 @@ def parse_args(argv=None):
         p.error("--compare trains both modes itself: leave out --dense and --resume")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available")
-    if args.where_read and (args.tokens == "agg" or args.dense):
-        p.error("--where-read withholds the named block's patches from an LFP model: it needs "
-                "--tokens patch and no --dense")
     if args.ground_weight is None:
         args.ground_weight = 1.0 if args.tokens == "patch" else 0.0
     given = args.ground_steps is not None
@@ -619,7 +618,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None, log=say) -> dict:
+def main(argv=None, log=say, study=None) -> dict:
+    """Parse the flags, train (both modes with --compare), print the table and the JSON line.
+    `study`: see train()."""
     args = parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:   # started by torchrun
@@ -632,7 +633,8 @@ def main(argv=None, log=say) -> dict:
         os.makedirs(args.out, exist_ok=True)
     try:
         modes = [True, False] if args.compare else [args.dense]
-        runs = [train(args, dense=d, film=not args.no_film, rank=rank, world=world, log=log)
+        runs = [train(args, dense=d, film=not args.no_film, rank=rank, world=world, log=log,
+                      study=study)
                 for d in modes]
         if world > 1:
             dist.barrier()   # rank 0 evaluates alone; the others wait for it here

@@ -1,19 +1,29 @@
-"""--where-read: which layers does the trained action need the named block in, and does the
-routers' choice matter? A kept share says what the router kept, not what the action used."""
+"""Where does a trained toy policy's action read the named block, and do the routers' choices matter?
 
+A kept share says what the router kept, not what the action used: this evaluates
+the trained LFP model again with the named block withheld from chosen layers, with random router
+choices of as many tokens, and with nothing pruned.
+
+    python where_read.py                       # train as `python train_toy.py` would, then study
+    python where_read.py --layout every --seed 1     # any of train_toy.py's flags
+    python where_read.py --checkpoint runs/x/lfp.pt  # a model train_toy.py --out saved
+"""
+
+import argparse
 import contextlib
+import json
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import cogvla_mini
 from cogvla_mini import CogVLA
+import train_toy
 from train_toy import evaluate
 
 
-# %% --where-read: which layers does the action need the named block in? =======================
-# A kept share says what the router kept, not what the action used. These evaluate the trained
-# LFP model again with some patches withheld from chosen layers.
+# %% The interventions ==========================================================================
 
 @contextlib.contextmanager
 def patches_withheld(model: CogVLA, patches, drop_at=(), hide_at=()):
@@ -116,3 +126,53 @@ def where_the_block_is_read(model: CogVLA, data: dict, as_trained: dict, device,
         log(f"  {name:<{width}} nearest {m['nearest']:6.1%}  success {m['success']:6.1%}  "
             f"within 0.15 {m['success_015']:6.1%}")
     return results
+
+
+# %% Main ======================================================================================
+
+def study_checkpoint(path: str, device: str, log=train_toy.say) -> dict:
+    """Rebuild the policy a train_toy.py run saved, evaluate it on its own held-out scenes, study."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise SystemExit(f"--checkpoint: cannot read {path} as a train_toy.py checkpoint ({err})")
+    args = argparse.Namespace(**ckpt["args"])
+    if args.dense or args.tokens != "patch":
+        raise SystemExit(f"--checkpoint: {path} is a {'dense' if args.dense else 'agg-token'} "
+                         f"model; the study withholds patches from an LFP model on patch tokens")
+    policy = train_toy.ToyPolicy(train_toy.toy_config(args.tokens, not args.no_film, args.layout))
+    policy.load_state_dict(ckpt["model"])
+    model, data = policy.vla.to(device), train_toy.held_out(args)
+    metrics = evaluate(model, data, prune=True, device=device)
+    log(f"{path}: step {ckpt['step']}, seed {args.seed}, {args.layout} layout; held-out success "
+        f"{metrics['success']:.1%}")
+    return dict(metrics, where_read=where_the_block_is_read(model, data, metrics, device, log))
+
+
+def main(argv=None, log=train_toy.say) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Every other flag "
+                                "is train_toy.py's (python train_toy.py --help).")
+    p.add_argument("--checkpoint", help="study this saved LFP model instead of training one")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    own, rest = p.parse_known_args(argv)
+    if own.checkpoint:
+        if rest:
+            p.error(f"--checkpoint studies a saved model as it was trained: leave out {' '.join(rest)}")
+        result = study_checkpoint(own.checkpoint, own.device, log)
+        log(json.dumps(result))
+        return result
+    args = train_toy.parse_args(argv)
+    if args.tokens == "agg" or args.dense:
+        p.error("the study withholds the named block's patches from an LFP model: it needs "
+                "--tokens patch and no --dense")
+    return train_toy.main(argv, log, study=where_the_block_is_read)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FloatingPointError as err:
+        sys.exit(str(err))
+    except KeyboardInterrupt:
+        sys.exit(130)
