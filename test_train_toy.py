@@ -96,6 +96,8 @@ def test_toy_layout_every_prunes_at_every_layer_from_the_first():
     every = train_toy.toy_config(layout="every").lfp_ratios
     assert list(every) == list(range(8)), "--layout every: no standard layer for the action to read around the routers"
     assert list(train_toy.toy_config().lfp_ratios) == [1, 2, 3, 4, 5, 6]
+    route = train_toy.toy_config(layout="route").lfp_ratios
+    assert list(route) == list(range(8)) and max(route.values()) <= 0.25, "--layout route: a layer keeps more than a quarter"
     assert list(train_toy.toy_config().lfp_ratios.values()) == list(cm.SOURCE_SCHEDULE.values())
 
 

@@ -68,9 +68,13 @@ TABLE_SHADES = (0.0, 0.05, 0.1)      # the table as each camera sees it: black, 
 # Where the LFP layers sit. "source": the source's six keep ratios on layers 1..6, between
 # standard layers (the last stays standard, as the source's layer 31 does). "every": every layer
 # prunes from the first on, as the reference code prunes every layer from its start: no
-# unpruned layer lets the action read around the routers.
+# unpruned layer lets the action read around the routers. "route": every layer keeps a quarter
+# of the vision tokens, so that a random choice of as many passes only about a quarter of the
+# named block at any layer: the action finds the block only if the routers do.
 LAYOUTS = {"source": dict(zip(range(1, 7), SOURCE_SCHEDULE.values())),
-           "every": dict(enumerate([0.5, 0.4, 0.3, 0.25, 0.2, 0.2, 0.2, 0.2]))}
+           "every": dict(enumerate([0.5, 0.4, 0.3, 0.25, 0.2, 0.2, 0.2, 0.2])),
+           "route": dict.fromkeys(range(8), 0.25)}
+STEPS = {"source": 800, "every": 700, "route": 1000}   # each layout's default --steps
 
 
 def toy_config(tokens: str = "patch", film: bool = True, layout: str = "source") -> CogVLAConfig:
@@ -554,7 +558,8 @@ def print_table(runs: list[dict], log=say):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=700, help="optimizer steps, --ground-steps included")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps, --ground-steps "
+                   "included (default: 800 with --layout source, 700 every, 1000 route)")
     p.add_argument("--batch-size", type=int, default=16, help="scenes per step, per process")
     p.add_argument("--lr", type=float, default=3e-3,
                    help="peak learning rate (warm-up, flat to 60%% of the steps, then cosine to 10%%)")
@@ -576,7 +581,8 @@ def parse_args(argv=None):
     p.add_argument("--prune-warmup", type=int, default=300, help="the first steps in which every "
                    "LFP layer keeps all its tokens, its router still weighting their MLPs (0 = off)")
     p.add_argument("--layout", choices=list(LAYOUTS), default="source", help="the LFP layers: "
-                   "'source' (layers 1-6, between standard ones) or 'every' (all 8 prune)")
+                   "'source' (layers 1-6, between standard ones), 'every' (all 8 prune) or "
+                   "'route' (all 8 keep a quarter: no way around the routers)")
     p.add_argument("--eval-size", type=int, default=512, help="held-out scenes (fixed seed)")
     p.add_argument("--curve-size", type=int, default=128,
                    help="held-out scenes of the learning-curve lines")
@@ -594,6 +600,8 @@ def parse_args(argv=None):
         p.error("--compare trains both modes itself: leave out --dense and --resume")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available")
+    if args.steps is None:
+        args.steps = STEPS[args.layout]
     if args.ground_weight is None:
         args.ground_weight = 1.0 if args.tokens == "patch" else 0.0
     given = args.ground_steps is not None
