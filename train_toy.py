@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import cogvla_mini
+import report
 from cogvla_mini import SOURCE_SCHEDULE, CogVLA, CogVLAConfig
 
 # %% The synthetic task ========================================================================
@@ -252,31 +253,71 @@ def evaluate(model: CogVLA, data: dict, prune: bool, device, batch_size: int = 6
 
 
 @torch.no_grad()
-def keep_maps(model: CogVLA, data: dict, device, sample: int = 0) -> str:
-    """ASCII maps of one evaluation scene: per LFP layer, per camera, which patches were kept."""
-    part = {k: v[sample:sample + 1].to(device) for k, v in data.items()}
+def keep_groups(model: CogVLA, data: dict, device, samples) -> list[dict]:
+    """What each LFP layer kept of some evaluation scenes, as report.py draws it: per scene its
+    instruction, images [3, 3, H, W], the named block's patches [3, S, S] and, per LFP layer,
+    the kept patches [3, S, S] and the kept shares of the named block and of the others."""
+    part = {k: v[list(samples)].to(device) for k, v in data.items()}
     was_training = model.training
     model.eval()
     with autocast(device):
         out = model(part["images"], part["text_ids"], part["state"], prune=True)
     model.train(was_training)
-    words = " ".join(VOCAB[i] for i in part["text_ids"][0, :4].tolist())   # the tiled instruction
-    side, cfg = IMAGE_SIZE // PATCH, model.cfg
-    named = part["named_patches"][0].cpu().view(3, side, side)
-    views = ("top (x-y)", "front (x-z)", "side (y-z)")
-    lines = [f'keep maps for "{words}":  # kept  . dropped  [ ] the named block\'s patches',
-             "        " + "".join(f"{name:<{3 * side + 2}}" for name in views)]
-    for record in out.lfp:
-        kept = torch.zeros(cfg.seq_len, dtype=torch.bool)
-        kept[record.kept_indices[0].cpu()] = True
-        kept = kept[cfg.vision_start:cfg.text_start].view(3, side, side)
-        for row in range(side):
-            cells = ["".join(("[{}]" if named[cam, row, col] else " {} ").format(
-                "#" if kept[cam, row, col] else ".") for col in range(side)) for cam in range(3)]
-            label = f"layer {record.layer}" if row == 0 else ""
-            lines.append(f"{label:<8}" + "  ".join(cells))
-        lines.append("")
-    return "\n".join(lines)
+    cfg, side = model.cfg, IMAGE_SIZE // PATCH
+    groups = []
+    for b in range(len(samples)):
+        named, other = part["named_patches"][b].cpu(), part["other_patches"][b].cpu()     # [V]
+        words = " ".join(VOCAB[i] for i in part["text_ids"][b, :4].tolist())  # the tiled instruction
+        group = dict(label=f'"{words}"', images=part["images"][b].cpu().numpy(),
+                     named=named.view(3, side, side).numpy(), kept={}, shares={})
+        for record in out.lfp:
+            kept = torch.zeros(cfg.seq_len, dtype=torch.bool)
+            kept[record.kept_indices[b].cpu()] = True
+            kept = kept[cfg.vision_start:cfg.text_start]                                   # [V]
+            group["kept"][record.layer] = kept.view(3, side, side).numpy()
+            group["shares"][record.layer] = tuple(float((kept & m).sum() / max(int(m.sum()), 1))
+                                                  for m in (named, other))
+        groups.append(group)
+    return groups
+
+
+def keep_maps(model: CogVLA, data: dict, device, sample: int = 0) -> str:
+    """The terminal's keep maps of one evaluation scene: per LFP layer, per camera."""
+    return report.keep_map_text(keep_groups(model, data, device, [sample])[0])
+
+
+def draw_report(folder: str, history: dict, model: CogVLA, args, device) -> str:
+    """The run's pictures (report.py) from `history` {mode: dict(loss, held_out, metrics)}; the
+    keep maps, if an LFP model on patch tokens is in it, from `model`. Returns the page's path."""
+    cfg, figures = model.cfg, {}
+    lfp = history.get("lfp")
+    if lfp and args.tokens == "patch":
+        data = held_out(args)
+        figures["keep_maps"] = report.keep_grid("What each LFP layer keeps: held-out scenes",
+                                                keep_groups(model, data, device,
+                                                            range(min(3, args.eval_size))))
+        # One scene of its own (a seed no training batch has), each of its blocks named in turn.
+        swapped = [make_batch(1, seed=20_000_003 + args.seed, named=[k]) for k in range(N_BLOCKS)]
+        swapped = {k: torch.cat([s[k] for s in swapped]) for k in swapped[0]}
+        figures["instruction_swapped"] = report.keep_grid(
+            "One scene, the instruction naming each block in turn", keep_groups(model, swapped, device,
+                                                                               range(N_BLOCKS)))
+    figures["curves"] = report.curves({m: h for m, h in history.items()})
+    cost = cogvla_mini.account(cfg, 1)
+    tokens = {"dense": {c.layer: c.tokens for c in cost.dense}}
+    flops = {"dense": {c.layer: c.flops for c in cost.dense}}
+    kept = {}
+    if lfp:
+        tokens["lfp"] = {c.layer: c.tokens for c in cost.layers}
+        flops["lfp"] = {c.layer: c.flops for c in cost.layers}
+        m = lfp["metrics"]
+        kept = {"named block": m["kept_share"], "other blocks": m["kept_share_other"],
+                "chance": m["chance"]} if m.get("kept_share") else {}
+    figures["per_layer"] = report.per_layer(cfg.seq_len, tokens, flops, kept)
+    lines = [f"{args.layout} layout, seed {args.seed}, {args.steps} steps; " + "; ".join(
+        f"{mode} at step {h['held_out'][-1][0]}: nearest {h['held_out'][-1][1]:.0%}, success "
+        f"{h['held_out'][-1][2]:.0%}" for mode, h in history.items() if h["held_out"])]
+    return report.write(folder, "CogVLA-mini toy run", figures, lines)
 
 
 # %% Checkpoints: atomic, with everything a bit-exact resume needs =============================
@@ -296,9 +337,9 @@ def load_checkpoint(path: str, model, optimizer, args, world: int) -> int:
                          f"no grounding probe); start a new run")
     for key in ("seed", "steps", "batch_size", "lr", "dense", "tokens", "no_film", "ground_weight",
                 "ground_steps", "prune_warmup", "layout"):
-        if ckpt["args"][key] != getattr(args, key):
+        if ckpt["args"].get(key) != getattr(args, key):
             raise SystemExit(f"--resume: the checkpoint was made with --{key.replace('_', '-')}="
-                             f"{ckpt['args'][key]!r}, this run has {getattr(args, key)!r}; resume "
+                             f"{ckpt['args'].get(key)!r}, this run has {getattr(args, key)!r}; resume "
                              f"with the same flags")
     if ckpt["world"] != world:   # rank r of w reads batches r, r + w, ...: another w, another stream
         raise SystemExit(f"--resume: the checkpoint was made by {ckpt['world']} process(es), this "
@@ -447,10 +488,55 @@ def save_if_finite(run: dict, step: int):
                         run["cfg"], run["world"])
 
 
-def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say, study=None) -> dict:
+def phase(step: int, args) -> int:
+    """0 while the probe trains alone, 1 in the warm-up that keeps every token, 2 after."""
+    return 0 if step <= args.ground_steps else 1 if step <= args.prune_warmup else 2
+
+
+def progress(run: dict, step: int, action_loss, ground_loss):
+    """The progress line of a logging step; at a learning-curve step also the held-out
+    evaluation and the report redrawn (a browser tab refreshed mid-run shows the run so far).
+    The rate is that of the recent steps of the current phase: a probe-only step costs a
+    fraction of a decoder step, so an average since the start misleads."""
+    args, mode, curves = run["args"], run["mode"], run["history"][run["mode"]]
+    line = f"loss {action_loss.item():.4f}" if action_loss is not None else "loss -"
+    if action_loss is not None:
+        curves["loss"].append((step, action_loss.item()))
+    if ground_loss is not None:
+        line += f"  grounding {ground_loss.item():.4f}"
+    if step % args.eval_every == 0 or step == args.steps:  # a multiple of log_every
+        m = evaluate(run["policy"].vla, run["curve_data"], prune=mode == "lfp", device=run["device"])
+        curves["held_out"].append((step, m["nearest"], m["success"]))
+        curves["metrics"] = m
+        line += (f"  | held-out {len(run['curve_data']['state'])}: nearest {m['nearest']:.0%}"
+                 f"  success {m['success']:.0%}")
+        redraw(run)
+    marks, now = run["marks"], time.time()
+    if marks[-1][2] != phase(step, args):
+        del marks[:-1]                          # the last mark of the phase before: this one's start
+    marks.append((step, now, phase(step, args)))
+    del marks[:-5]
+    rate = (marks[-1][0] - marks[0][0]) / max(marks[-1][1] - marks[0][1], 1e-9)
+    eta = (f"ETA once the decoder trains (step {args.ground_steps})" if step < args.ground_steps
+           else f"ETA {(args.steps - step) / rate:.0f} s")
+    run["log"](f"[{mode}] step {step:>5}/{args.steps}  {line}  {rate:.2f} steps/s  {eta}")
+
+
+def redraw(run: dict):
+    """Write the run's report (--no-maps: none), timing the drawing."""
+    if not run["args"].maps:
+        return
+    start = time.time()
+    folder = run["args"].out or os.path.join("runs", "latest")
+    run["report"] = draw_report(folder, run["history"], run["policy"].vla, run["args"], run["device"])
+    run["drawing"] += time.time() - start
+
+
+def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say, study=None,
+          history=None) -> dict:
     """Train one model; returns the final metrics (on rank 0). `study(model, eval_data, metrics,
     device, log)`, if given, studies the trained LFP model (where_read.py's); its result is
-    added to the metrics as "where_read"."""
+    added to the metrics as "where_read". `history` {mode: curves}: the runs the report draws."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device(args.device if world == 1 or args.device == "cpu"
                           else f"cuda:{local_rank}")
@@ -466,7 +552,9 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say,
     mode = "dense" if dense else "lfp"
     ckpt_path = os.path.join(args.out, f"{mode}.pt") if args.out else None
     run = dict(mode=mode, rank=rank, world=world, device=device, ckpt_path=ckpt_path, args=args,
-               cfg=cfg, policy=policy, optimizer=optimizer, log=log)
+               cfg=cfg, policy=policy, optimizer=optimizer, log=log, drawing=0.0,
+               history=history if history is not None else {}, report=None)
+    run["history"][mode] = dict(loss=[], held_out=[], metrics={})
     step = 0
     if args.resume:
         if not os.path.exists(ckpt_path):
@@ -481,8 +569,9 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say,
         net = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda"
                                       else None, find_unused_parameters=unused)
     eval_data = held_out(args)
-    curve_data = {k: v[:args.curve_size] for k, v in eval_data.items()}     # the curve's subset
-    start_time, start_step = time.time(), step
+    run["curve_data"] = {k: v[:args.curve_size] for k, v in eval_data.items()}   # curve subset
+    start_time = time.time()
+    run["marks"] = [(step, start_time, phase(step, args))]
     probe = (f"grounding probe weight {args.ground_weight:g}" if args.ground_weight else
              "grounding probe off") + (f" (alone for the first {args.ground_steps} steps)"
                                        if args.ground_steps else "")
@@ -508,16 +597,7 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say,
             optimizer.step()
             step += 1
             if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-                rate = (step - start_step) / (time.time() - start_time)
-                line = f"loss {action_loss.item():.4f}" if action_loss is not None else "loss -"
-                if ground_loss is not None:
-                    line += f"  grounding {ground_loss.item():.4f}"
-                if step % args.eval_every == 0 or step == args.steps:  # a multiple of log_every
-                    m = evaluate(model, curve_data, prune=not dense, device=device)
-                    line += (f"  | held-out {len(curve_data['state'])}: nearest {m['nearest']:.0%}"
-                             f"  success {m['success']:.0%}")
-                log(f"[{mode}] step {step:>5}/{args.steps}  {line}  {rate:.2f} steps/s  "
-                    f"ETA {(args.steps - step) / rate:.0f} s")
+                progress(run, step, action_loss, ground_loss)
             if ckpt_path and (step % args.save_every == 0 or step == args.steps):
                 save_if_finite(run, step)
     seconds = time.time() - start_time
@@ -526,13 +606,15 @@ def train(args, dense: bool, film: bool, rank: int = 0, world: int = 1, log=say,
     metrics = evaluate(model, eval_data, prune=not dense, device=device)
     if args.tokens == "patch" and not dense and args.maps:
         log(keep_maps(model, eval_data, device))
+    run["history"][mode]["metrics"] = metrics
+    redraw(run)
     if study and not dense:
         metrics["where_read"] = study(model, eval_data, metrics, device, log)
     cost = cogvla_mini.account(cfg, args.batch_size)   # what pruning saves, bounded by FLOPs
     tokens, bound = (1.0, 1.0) if dense else (round(cost.token_share, 4), round(cost.speedup_bound, 3))
     return dict(mode=mode, tokens=args.tokens, film=film, ground_weight=args.ground_weight,
                 steps=step, seconds=round(seconds, 1), tokens_processed=tokens, flop_bound=bound,
-                **metrics)
+                report=run["report"], drawing_seconds=round(run["drawing"], 2), **metrics)
 
 
 # %% Main ======================================================================================
@@ -592,7 +674,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=25, help="steps between progress lines")
     p.add_argument("--no-maps", dest="maps", action="store_false",
-                   help="do not print the ASCII keep maps")
+                   help="no pictures: neither the report (report.html and .svg files in --out, "
+                        "else runs/latest) nor the terminal's keep maps")
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out DIR, the directory of the run to continue")
@@ -602,8 +685,24 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: no CUDA device is available")
     if args.steps is None:
         args.steps = STEPS[args.layout]
+    # Each flag's own range first, so that a bad value is named by its own flag.
+    for name in ("steps", "batch_size", "eval_size", "curve_size", "eval_every", "save_every",
+                 "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("ground_steps", "prune_warmup"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.ground_weight is not None and not (math.isfinite(args.ground_weight)
+                                               and args.ground_weight >= 0):
+        p.error(f"--ground-weight must be a finite number >= 0, got {args.ground_weight}")
     if args.ground_weight is None:
         args.ground_weight = 1.0 if args.tokens == "patch" else 0.0
+    if args.ground_weight > 0 and args.tokens == "agg":
+        p.error(f"--ground-weight must be 0 with --tokens agg (no patches to label), "
+                f"got {args.ground_weight:g}")
     given = args.ground_steps is not None
     if not given:
         args.ground_steps = 100 if args.ground_weight > 0 else 0
@@ -611,15 +710,6 @@ def parse_args(argv=None):
         p.error(f"--ground-steps trains the grounding probe alone: it needs --ground-weight > 0 "
                 f"and fewer steps than --steps ({args.steps}), got {args.ground_steps}"
                 f"{'' if given else ' (its default; pass --ground-steps 0 or more --steps)'}")
-    if args.ground_steps < 0 or args.prune_warmup < 0:
-        p.error("--ground-steps and --prune-warmup must be >= 0")
-    if args.ground_weight < 0 or (args.ground_weight > 0 and args.tokens == "agg"):
-        p.error(f"--ground-weight must be >= 0, and 0 with --tokens agg (no patches to label), "
-                f"got {args.ground_weight:g} with --tokens {args.tokens}")
-    for name in ("steps", "batch_size", "eval_size", "curve_size", "eval_every", "save_every",
-                 "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.eval_every % args.log_every:   # a learning-curve line is a progress line with more
         p.error(f"--eval-every must be a multiple of --log-every ({args.log_every}), "
                 f"got {args.eval_every}")
@@ -641,9 +731,9 @@ def main(argv=None, log=say, study=None) -> dict:
         os.makedirs(args.out, exist_ok=True)
     try:
         modes = [True, False] if args.compare else [args.dense]
+        history = {}
         runs = [train(args, dense=d, film=not args.no_film, rank=rank, world=world, log=log,
-                      study=study)
-                for d in modes]
+                      study=study, history=history) for d in modes]
         if world > 1:
             dist.barrier()   # rank 0 evaluates alone; the others wait for it here
     finally:
@@ -653,6 +743,9 @@ def main(argv=None, log=say, study=None) -> dict:
     if rank != 0:
         return {}
     print_table(runs, log)
+    if args.maps:
+        log(f"\nthe run's pictures: {runs[-1]['report']} (open it in a browser; the figures "
+            f"alone as .svg beside it)")
     result = runs[0] if len(runs) == 1 else dict(mode="compare", runs=runs)
     log(json.dumps(result))
     return result

@@ -1,4 +1,4 @@
-"""Where does a trained toy policy's action read the named block, and do the routers' choices matter?
+"""Where does a trained toy policy's action read the named block? Do the routers' choices matter?
 
 A kept share says what the router kept, not what the action used: this evaluates
 the trained LFP model again with the named block withheld from chosen layers, with random router
@@ -158,7 +158,8 @@ def main(argv=None, log=train_toy.say) -> dict:
     own, rest = p.parse_known_args(argv)
     if own.checkpoint:
         if rest:
-            p.error(f"--checkpoint studies a saved model as it was trained: leave out {' '.join(rest)}")
+            p.error(f"--checkpoint studies a saved model as it was trained: leave out "
+                    f"{' '.join(rest)}")
         result = study_checkpoint(own.checkpoint, own.device, log)
         log(json.dumps(result))
         return result
