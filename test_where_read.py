@@ -32,7 +32,8 @@ def test_toy_run_lowers_the_loss_and_ends_with_one_json_line_and_the_study_of_it
         "other blocks (control) dropped at LFP layers 1, 2, 3, 4, 5, 6", "named block hidden at standard layer 0",
         "named block hidden at standard layer 7", "named block hidden at standard layers 0, 7",
         "other blocks (control) hidden at standard layers 0, 7", "a random choice at every LFP layer, of as many tokens",
-        "a random choice, always keeping the named block's patches"]
+        "a random choice, always keeping the named block's patches",
+        "a random choice, the named block's patches kept where the router keeps them"]
     assert (result["tokens_processed"], result["flop_bound"]) == (round(cm.account(train_toy.toy_config(), 4).token_share, 4),
                                                                  round(cm.account(train_toy.toy_config(), 4).speedup_bound, 3))
     assert result["where_read"]["as trained"]["success"] == result["success"]   # the same evaluation, untouched
@@ -153,3 +154,30 @@ def test_toy_random_router_choice_keeps_as_many_tokens_and_the_named_block_when_
         for b in range(4):
             assert (is_kept[b] & named[b]).sum() == min(int(named[b].sum()), room), f"layer {r.layer}: named block left out"
         assert torch.equal(r.kept_indices, z.kept_indices), "after the context the router chooses again"
+
+
+def test_random_choice_as_the_router_keeps_and_drops_the_named_block_where_the_router_would():
+    """The control for "do the routers' other choices matter?": at every LFP layer the named
+    block's patches are kept exactly where that layer's router (on that pass's input) keeps
+    them, dropped where it drops them, and the rest of the choice is random, as many tokens."""
+    torch.manual_seed(0)
+    vla = train_toy.ToyPolicy(train_toy.toy_config(layout="route")).vla.eval()
+    cfg = vla.cfg
+    batch = train_toy.make_batch(4, seed=7)
+    named = batch["named_patches"]                                          # [4, V]
+    records = []
+    with torch.no_grad():
+        embeds = vla.embed(batch["images"], batch["text_ids"], batch["state"])
+        with where_read.router_choice_replaced(named, as_the_router=True):
+            vla.llm(embeds, records=records)
+
+    def vision_kept(idx):
+        return torch.zeros(4, cfg.seq_len, dtype=torch.bool).scatter(1, idx, True)[:, cfg.vision_start:cfg.text_start]
+    differs = 0
+    for r in records:
+        kept = vision_kept(r.kept_indices)
+        own = vision_kept(cm.select(r.keep_probs, r.kept_indices.shape[1], cfg))   # the router's choice
+        assert torch.equal(kept & named, own & named), f"layer {r.layer}: the named block not as the router chose"
+        assert (own & named).any() and (named & ~own).any(), f"layer {r.layer}: nothing to test (all or none kept)"
+        differs += not torch.equal(kept, own)
+    assert differs == len(records), "the rest of the choice was the router's, not random"

@@ -64,18 +64,24 @@ def patches_withheld(model: CogVLA, patches, drop_at=(), hide_at=()):
 
 
 @contextlib.contextmanager
-def router_choice_replaced(patches=None, seed=0):
+def router_choice_replaced(patches=None, seed=0, as_the_router=False):
     """For the passes run inside, every LFP layer keeps a random choice of as many tokens as its
     router would (BOS, text and action still forced in; the router's probabilities still weight
     the MLPs); with `patches` [B, V] (the named block's, say), a random choice that always keeps
-    those. If success falls under a random choice but not under one that keeps the named block,
-    the router's choice matters, and for finding the block."""
+    those; with `as_the_router` too, one that keeps and drops those patches where the router
+    does, and chooses the rest at random. If success falls under a random choice but not under
+    one that keeps the named block, the router's choice matters, and for finding the block."""
     generator, real = torch.Generator().manual_seed(seed), cogvla_mini.select
 
     def random_choice(keep_prob, k, cfg):
         scores = torch.rand(keep_prob.shape, generator=generator).to(keep_prob.device)   # [B, N]
         if patches is not None:
-            scores[:, cfg.vision_start:cfg.text_start] += 2.0 * patches   # above any other patch
+            bonus = 2.0 * patches                             # above any other patch
+            if as_the_router:                                 # and below any, where it drops them
+                routed = torch.zeros_like(scores, dtype=torch.bool).scatter(
+                    1, real(keep_prob, k, cfg), True)[:, cfg.vision_start:cfg.text_start]
+                bonus = torch.where(routed, 2.0, -2.0) * patches
+            scores[:, cfg.vision_start:cfg.text_start] += bonus
         return real(scores, k, cfg)
 
     cogvla_mini.select = random_choice       # forward_lfp calls the module's select
@@ -108,6 +114,8 @@ def where_the_block_is_read(model: CogVLA, data: dict, as_trained: dict, device,
                                                                          dict(hide_at=standard))
     cases["a random choice at every LFP layer, of as many tokens"] = (None, {})
     cases["a random choice, always keeping the named block's patches"] = ("named_patches", {})
+    cases["a random choice, the named block's patches kept where the router keeps them"] = (
+        "named_patches", dict(as_the_router=True))
     log(f"which layers the action needs the named block in ({len(data['state'])} held-out scenes; "
         f"dropped: the router may not keep those patches; hidden: text, state and queries may "
         f"not attend to them):")
@@ -118,7 +126,7 @@ def where_the_block_is_read(model: CogVLA, data: dict, as_trained: dict, device,
     for name, (which, where) in cases.items():
         # One batch of all the scenes, so that the withheld patches line up with it.
         patches = data[which].to(device) if which else None
-        with (router_choice_replaced(patches) if name.startswith("a random") else
+        with (router_choice_replaced(patches, **where) if name.startswith("a random") else
               patches_withheld(model, patches, **where)):
             m = evaluate(model, data, prune=True, device=device, batch_size=len(data["state"]))
         results[name] = {k: m[k] for k in keys}
