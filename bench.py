@@ -1,12 +1,16 @@
-"""Dense vs LFP timing of CogVLA-mini's decoder, beside the FLOP bound: `python bench.py`.
+"""Dense vs LFP timing of CogVLA-mini's decoder, beside two bounds: `python bench.py`.
 
     python bench.py                      # batch 4, forward and forward+backward, eager
     python bench.py --batch 1            # a robot's case: one action chunk per control step
     python bench.py --compile            # the forward also through torch.compile, side by side
     python bench.py --full --device cuda # the source's full size, bf16, on a GPU
 
-The same weights run dense (prune=False) and with LFP, interleaved repetition by repetition;
-"measured" is the median of the paired ratios dense / LFP, beside account()'s FLOP bound.
+The same weights run dense (prune=False), with LFP, and as the measured bound (each layer a
+standard block on as many tokens as LFP keeps there), interleaved repetition by repetition.
+LFP's speedup (the median of the paired ratios dense / LFP) stands beside two bounds: the
+measured one (dense / bound) and account()'s FLOP bound. The gap from the FLOP bound to the
+measured one is the machine's (fewer rows use it less well); from the measured bound to LFP's
+speedup it is LFP's own work (router, top-k, gathers, mask, scatter).
 """
 
 from __future__ import annotations
@@ -79,41 +83,62 @@ def saved_activation_bytes(llm: LlamaDecoder, fn) -> int:
     return sum(seen.values())
 
 
+def bound_forward(llm: LlamaDecoder, embeds):
+    """The measured bound: each layer a standard block on as many tokens as it keeps under LFP
+    (its first K: no router, no gather, no scatter), the other N - K passed on with a `cat`
+    (a copy, as LFP's scatter is): what LFP's layers would cost if its own work were free."""
+    N = embeds.shape[1]
+    positions = torch.arange(N, device=embeds.device)[None]               # [1, N]
+    cos, sin = llm.rotary_emb(positions, embeds.dtype)                    # [1, N, Dh]
+    mask = attention_mask(llm.cfg, positions)                             # [1, 1, N, N]
+    x = embeds
+    for layer in llm.layers:
+        K = getattr(layer, "n_keep", N)                                   # LFP layers keep K
+        y = DecoderLayer.forward(layer, x[:, :K], cos[:, :K], sin[:, :K], mask[..., :K, :K])
+        x = y if K == N else torch.cat([y, x[:, K:]], dim=1)              # [B, N, D]
+    return llm.norm(x)
+
+
+def forwards(llm: LlamaDecoder) -> dict:
+    """What the benchmark times, by name: the decoder dense, with LFP, and the measured bound."""
+    return {"dense": lambda x: llm(x, prune=False), "LFP": lambda x: llm(x, prune=True),
+            "bound": lambda x: bound_forward(llm, x)}
+
+
 COMPILED_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}   # largest |compiled - eager|
 
 
 def compiled_forwards(llm: LlamaDecoder, embeds, device, out=print):
-    """The decoder's forward, dense and pruned, through torch.compile (CUDA graphs on a GPU),
-    each compiled (its time reported) and checked against eager before anything is timed:
-    ({prune: compiled function}, {prune: compile seconds}). A compiled output that differs from
-    eager by more than COMPILED_TOLERANCE raises: a fast wrong graph is not a result."""
+    """forwards(llm) through torch.compile (CUDA graphs on a GPU), each compiled (its time
+    reported) and checked against eager before anything is timed: ({name: compiled function},
+    {name: compile seconds}). A compiled output that differs from eager by more than
+    COMPILED_TOLERANCE raises: a fast wrong graph is not a result."""
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
     functions, seconds = {}, {}
-    for prune in (False, True):
-        compiled = torch.compile(lambda x, prune=prune: llm(x, prune=prune), mode=mode, fullgraph=True)
+    for name, eager in forwards(llm).items():
+        compiled = torch.compile(eager, mode=mode, fullgraph=True)
         start = time.perf_counter()
         with torch.no_grad():
-            got, want = compiled(embeds), llm(embeds, prune=prune)
+            got, want = compiled(embeds), eager(embeds)
             synchronize(device)
-        seconds[prune] = time.perf_counter() - start
+        seconds[name] = time.perf_counter() - start
         diff = (got.float() - want.float()).abs().max().item()
         tol = COMPILED_TOLERANCE[embeds.dtype]
-        name = "LFP" if prune else "dense"
         if not diff <= tol:
             raise RuntimeError(f"torch.compile's {name} decoder differs from eager by {diff:.3g} "
                                f"(tolerance {tol:g}): not timing a graph that computes something else")
-        out(f"compiled the {name} decoder in {seconds[prune]:.0f} s; largest difference from eager "
+        out(f"compiled the {name} decoder in {seconds[name]:.0f} s; largest difference from eager "
             f"{diff:.2g} (tolerance {tol:g})")
-        functions[prune] = compiled
+        functions[name] = compiled
     return functions, seconds
 
 
 def benchmark(schedules=("source", REFERENCE_SCHEDULE), width=512, batch=4, full=False,
               device="cpu", reps=9, warmup=1, passes=("forward", "forward+backward"),
               compile=False, out=print, progress=print) -> list[dict]:
-    """Median ms of dense and LFP runs, interleaved, next to the FLOP bound. One row per
-    (schedule, pass, eager or compiled), each printed as a JSON line by `out`; a line per
-    repetition goes to `progress`."""
+    """Median ms of dense, LFP and the measured bound, interleaved, next to the FLOP bound. One
+    row per (schedule, pass, eager or compiled), each printed as a JSON line by `out`; a line
+    per repetition goes to `progress`."""
     if full and torch.device(device).type != "cuda":
         raise ValueError(f"full=True is the source's 6.7B-parameter decoder (13 GB in bf16): it "
                          f"needs a GPU, got device {device!r}; use a smaller width on the CPU")
@@ -128,55 +153,63 @@ def benchmark(schedules=("source", REFERENCE_SCHEDULE), width=512, batch=4, full
         llm = build_decoder(cfg, device, dtype)
         embeds = torch.randn(batch, cfg.seq_len, cfg.d_model, device=device, dtype=dtype)
         bound = account(cfg, batch).speedup_bound  # the same for backward: every matmul costs 2x there
+        eager = forwards(llm)
         compiled, compile_s = compiled_forwards(llm, embeds, device, progress) if compile else ({}, {})
 
-        def run(prune, backward, mode):
+        def run(name, backward, mode):
             if backward:
                 llm.zero_grad(set_to_none=True)
-                llm(embeds, prune=prune).float().square().mean().backward()
+                eager[name](embeds).float().square().mean().backward()
                 return
             with torch.no_grad():
-                (compiled[prune] if mode == "compiled" else lambda x: llm(x, prune=prune))(embeds)
+                (compiled if mode == "compiled" else eager)[name](embeds)
 
         for pass_name, mode in [(p, m) for s, p, m in plan if s == schedule]:
             backward = pass_name == "forward+backward"
+            names = list(eager)
             for _ in range(warmup):
-                run(False, backward, mode), run(True, backward, mode)
-            times = {False: [], True: []}
-            for rep in range(reps):   # interleaved, alternating which goes first
-                for prune in ((False, True) if rep % 2 == 0 else (True, False)):
-                    times[prune].append(time_ms(lambda: run(prune, backward, mode), device))
+                for name in names:
+                    run(name, backward, mode)
+            times = {name: [] for name in names}
+            for rep in range(reps):   # interleaved, each repetition starting one later
+                for name in names[rep % 3:] + names[:rep % 3]:
+                    times[name].append(time_ms(lambda: run(name, backward, mode), device))
                 left = (time.perf_counter() - started) / (done + (rep + 1) / reps) * (len(plan) - done
                                                                                     - (rep + 1) / reps)
+                last = {name: t[-1] for name, t in times.items()}
                 progress(f"{schedule} {pass_name} {mode} rep {rep + 1}/{reps}: dense "
-                         f"{times[False][-1]:.1f} ms, LFP {times[True][-1]:.1f} ms, ratio "
-                         f"{times[False][-1] / times[True][-1]:.3f}  (ETA {left:.0f} s)")
+                         f"{last['dense']:.1f} ms, LFP {last['LFP']:.1f} ms, bound "
+                         f"{last['bound']:.1f} ms, ratio {last['dense'] / last['LFP']:.3f}  "
+                         f"(ETA {left:.0f} s)")
             done += 1
-            dense_ms, lfp_ms = median(times[False]), median(times[True])
-            # The speedup is the median of the per-repetition ratios: a dense run and the LFP
-            # run next to it share the machine's momentary speed, which the ratio cancels.
-            ratios = sorted(d / l for d, l in zip(times[False], times[True]))
+            # Speedups are medians of per-repetition ratios: runs next to each other share the
+            # machine's momentary speed, which the ratio cancels.
+            ratios = sorted(d / l for d, l in zip(times["dense"], times["LFP"]))
             speedup = median(ratios)
+            measured_bound = median([d / b for d, b in zip(times["dense"], times["bound"])])
+            dense_ms, lfp_ms, bound_ms = (median(times[n]) for n in ("dense", "LFP", "bound"))
             row = dict(schedule=schedule, **{"pass": pass_name}, mode=mode, device=str(device),
                        width=cfg.d_model, batch=batch, dtype=str(dtype).replace("torch.", ""),
                        dense_ms=round(dense_ms, 2), lfp_ms=round(lfp_ms, 2),
-                       dense_ms_per_chunk=round(dense_ms / batch, 2),
+                       bound_ms=round(bound_ms, 2), dense_ms_per_chunk=round(dense_ms / batch, 2),
                        lfp_ms_per_chunk=round(lfp_ms / batch, 2), speedup=round(speedup, 3),
                        speedup_min=round(ratios[0], 3), speedup_max=round(ratios[-1], 3),
+                       measured_bound=round(measured_bound, 3),
+                       efficiency_measured=round(speedup / measured_bound, 3),
                        bound=round(bound, 3), efficiency=round(speedup / bound, 3), reps=reps)
             if mode == "compiled":
-                row.update(dense_compile_s=round(compile_s[False], 1),
-                           lfp_compile_s=round(compile_s[True], 1))
+                row.update({f"{name.lower()}_compile_s": round(s, 1) for name, s in compile_s.items()})
             if backward:
-                for prune, key in ((False, "dense_saved_mib"), (True, "lfp_saved_mib")):
-                    nbytes = saved_activation_bytes(llm, lambda: run(prune, True, mode))
-                    row[key] = round(nbytes / 2**20, 1)
+                for name in ("dense", "LFP"):
+                    nbytes = saved_activation_bytes(llm, lambda: run(name, True, mode))
+                    row[f"{name.lower()}_saved_mib"] = round(nbytes / 2**20, 1)
             if torch.device(device).type == "cuda":
-                for prune, key in ((False, "dense_peak_mib"), (True, "lfp_peak_mib")):
+                for name in ("dense", "LFP"):
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                    run(prune, backward, mode)
-                    row[key] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+                    run(name, backward, mode)
+                    row[f"{name.lower()}_peak_mib"] = (
+                        round((torch.cuda.max_memory_allocated() - base) / 2**20, 1))
             results.append(row)
             out(json.dumps(row))
         del llm, compiled
@@ -233,15 +266,19 @@ def profile_lfp_layer(schedule=REFERENCE_SCHEDULE, layer=20, width=512, batch=4,
 
 
 def print_benchmark_table(rows):
+    """LFP's speedup against two bounds: the FLOP bound (what the schedule's matmuls allow) and
+    the measured bound (what its layers on K tokens take on this machine)."""
     print(f"\n{'schedule':<27} {'pass':<16} {'mode':<8} {'batch':>5} {'dense ms':>9} {'LFP ms':>9} "
-          f"{'measured':>9} {'(min-max)':>11} {'bound':>7} {'efficiency':>10} {'compile s':>9}")
+          f"{'bound ms':>9} {'LFP':>7} {'(min-max)':>11} {'measured':>9} {'FLOP':>7} "
+          f"{'LFP/meas.':>9} {'meas./FLOP':>10} {'compile s':>11}")
     for r in rows:
-        compiled = (f"{r['dense_compile_s']:.0f}/{r['lfp_compile_s']:.0f}"
+        compiled = (f"{r['dense_compile_s']:.0f}/{r['lfp_compile_s']:.0f}/{r['bound_compile_s']:.0f}"
                     if r["mode"] == "compiled" else "")
         print(f"{r['schedule']:<27} {r['pass']:<16} {r['mode']:<8} {r['batch']:>5} "
-              f"{r['dense_ms']:>9.1f} {r['lfp_ms']:>9.1f} {r['speedup']:>8.3f}x "
-              f"{r['speedup_min']:>5.2f}-{r['speedup_max']:<5.2f} {r['bound']:>6.3f}x "
-              f"{r['efficiency']:>10.1%} {compiled:>9}")
+              f"{r['dense_ms']:>9.1f} {r['lfp_ms']:>9.1f} {r['bound_ms']:>9.1f} "
+              f"{r['speedup']:>6.3f}x {r['speedup_min']:>5.2f}-{r['speedup_max']:<5.2f} "
+              f"{r['measured_bound']:>8.3f}x {r['bound']:>6.3f}x {r['efficiency_measured']:>9.1%} "
+              f"{r['measured_bound'] / r['bound']:>10.1%} {compiled:>11}")
 
 
 if __name__ == "__main__":
