@@ -468,9 +468,10 @@ class LlamaDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        ratios = cfg.lfp_ratios                                    # derived on each read: read once
-        self.layers = nn.ModuleList(LFPDecoderLayer(cfg, i) if i in ratios else DecoderLayer(cfg)
-                                    for i in range(cfg.n_layers))
+        self.ratios = cfg.lfp_ratios                                      # read once, as built
+        self.built_from = repr((cfg.schedule, cfg.lfp_average, cfg.n_layers))  # to see a change
+        self.layers = nn.ModuleList(LFPDecoderLayer(cfg, i) if i in self.ratios
+                                    else DecoderLayer(cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
@@ -478,7 +479,7 @@ class LlamaDecoder(nn.Module):
         """embeds [B, N, D] -> final-norm hidden states [B, N, D]. Pass a list as `records`
         to receive one LFPRecord per LFP layer that ran."""
         cfg, N = self.cfg, embeds.shape[1]
-        prune = prune and bool(cfg.lfp_ratios)
+        prune = prune and bool(self.ratios)
         self.check_can_run(prune, N)
         all_tokens = torch.arange(N, device=embeds.device)[None]          # [1, N]
         mask = None if cfg.attn_impl == "sdpa_causal" else attention_mask(cfg, all_tokens)
@@ -494,17 +495,20 @@ class LlamaDecoder(nn.Module):
 
     def check_can_run(self, prune: bool, n_tokens: int):
         cfg, causal_kernel = self.cfg, self.cfg.attn_impl == "sdpa_causal"   # as flash-attn does
-        need(not (prune and causal_kernel), 'attn_impl="sdpa_causal" takes no mask, but an LFP '
-             'layer needs its gathered mask (the source\'s FAQ: gather/scatter conflicts with '
-             'flash-attn): expected "sdpa" or "math", or prune=False', "prune=True")
-        need(not causal_kernel or cfg.mask_kind == "causal",
-             'attn_impl="sdpa_causal": expected mask_kind "causal"', repr(cfg.mask_kind))
-        built = {i: l.ratio for i, l in enumerate(self.layers) if isinstance(l, LFPDecoderLayer)}
-        need(not prune or built == cfg.lfp_ratios, f"cfg.schedule was changed after this model "
-             f"was built: expected its LFP layers' ratios {built} (build a new model for a new "
-             f"schedule)", cfg.lfp_ratios)
-        need(not (prune or cfg.mask_kind == "catten") or n_tokens == cfg.seq_len,
-             f"LFP and catten need the config's layout: expected {cfg.seq_len} tokens", n_tokens)
+        if prune and causal_kernel:
+            raise ValueError('attn_impl="sdpa_causal" takes no mask, but an LFP layer needs its '
+                             'gathered mask (the source\'s FAQ: gather/scatter conflicts with '
+                             'flash-attn): expected "sdpa" or "math", or prune=False')
+        if causal_kernel and cfg.mask_kind != "causal":
+            raise ValueError(f'attn_impl="sdpa_causal": expected mask_kind "causal", got '
+                             f'{cfg.mask_kind!r}')
+        if prune and self.built_from != repr((cfg.schedule, cfg.lfp_average, cfg.n_layers)):
+            raise ValueError(f"cfg.schedule was changed after this model was built: expected its "
+                             f"LFP layers' ratios {self.ratios} (build a new model for a new "
+                             f"schedule), got {cfg.lfp_ratios}")
+        if (prune or cfg.mask_kind == "catten") and n_tokens != cfg.seq_len:
+            raise ValueError(f"LFP and catten need the config's layout: expected {cfg.seq_len} "
+                             f"tokens, got {n_tokens}")
 
 
 # %% The vision tower: two ViTs with FiLM and aggregation tokens, projectors, MoE fusion =======
@@ -737,8 +741,9 @@ class CogVLA(nn.Module):
 @dataclass
 class LayerCost:
     layer: int
-    tokens: int           # tokens this layer's block processes
+    tokens: int           # tokens this layer's block processes (per sample)
     attn_n2d: float       # N^2 x D per sample, the source's per-layer attention figure
+    # The rest for the whole batch:
     attn_flops: float     # 4 N^2 D: QK^T and AV, 2 FLOPs per multiply-add
     linear_flops: float   # 2 x tokens x (q, k, v, o, gate, up, down weights)
     router_flops: float   # the router's matmuls: its score on all N tokens, the FiLM MLPs
@@ -783,9 +788,10 @@ def account(cfg: CogVLAConfig, batch_size: int = 1, bytes_per_value: int = 2,
             router = 2 * N * D * 2                                     # score Linear(D, 2) on all N
             if cfg.router_film:                       # 2 MLPs D -> D/2 -> D on the text's mean
                 router += 2 * 2 * (D * (D // 2) + (D // 2) * D)
-        return LayerCost(layer, tokens, float(tokens ** 2 * D),
-                         4.0 * tokens ** 2 * D * batch_size, 2.0 * tokens * weights * batch_size,
-                         router * batch_size, 2.0 * tokens * d_kv * bytes_per_value * batch_size)
+        per_sample = dict(attn_flops=4.0 * tokens ** 2 * D, linear_flops=2.0 * tokens * weights,
+                          router_flops=router, kv_bytes=2.0 * tokens * d_kv * bytes_per_value)
+        return LayerCost(layer=layer, tokens=tokens, attn_n2d=float(tokens ** 2 * D),
+                         **{name: value * batch_size for name, value in per_sample.items()})
 
     layers, tokens, ratios = [], N, cfg.lfp_ratios
     for l in range(L):
