@@ -109,6 +109,17 @@ def test_toy_layout_every_prunes_at_every_layer_from_the_first():
     assert list(train_toy.toy_config().lfp_ratios.values()) == list(cm.SOURCE_SCHEDULE.values())
 
 
+def test_toy_steps_default_to_each_layouts_own_count_and_the_help_says_which(capsys):
+    for layout, steps in train_toy.STEPS.items():
+        assert train_toy.parse_args(["--layout", layout]).steps == steps, f"--layout {layout}: not its own steps"
+        assert train_toy.parse_args(["--layout", layout, "--steps", "500"]).steps == 500, "an explicit --steps is overridden"
+    with pytest.raises(SystemExit):
+        train_toy.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    said = dict((layout, int(n)) for n, layout in re.findall(r"(\d+) (?:with --layout )?(source|every|route)", help_text))
+    assert said == train_toy.STEPS, f"--help gives the default steps as {said}, the trainer uses {train_toy.STEPS}"
+
+
 def test_toy_grounding_steps_leave_the_decoder_waiting_and_the_prune_warmup_keeps_every_token(monkeypatch):
     """--ground-steps 2 --prune-warmup 4, 6 steps: at steps 0-1 only the probe trains (the decoder
     does not run and its weights stay as they were); at steps 2-3 every LFP layer keeps all 256
