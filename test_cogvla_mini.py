@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import cogvla_mini as cm
 import course
 from cogvla_mini import CogVLA, CogVLAConfig
+from conftest import randomize_films
 from course import Case, assert_close, exercise, stubs_block
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -30,21 +31,6 @@ SOURCE_COUNTS = [227, 207, 179, 140, 115, 102]   # the source's token counts
 def make_model(device="cpu", seed=0, **overrides):
     torch.manual_seed(seed)
     return CogVLA(CogVLAConfig.tiny(**overrides)).to(device).eval()
-
-
-def randomize_films(model, router=True, vision=True, std=0.5):
-    """Give the (zero-initialised) FiLM output layers real weights."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.llm.layers:
-            if router and isinstance(layer, cm.LFPDecoderLayer):
-                for mlp in (layer.router.film_scale, layer.router.film_shift):
-                    mlp[-1].weight.copy_(torch.randn(mlp[-1].weight.shape, generator=g) * std)
-        if vision:
-            for vit in (model.vision.dino, model.vision.siglip):
-                for block in vit.blocks:
-                    for film in (block.film_scale, block.film_shift):
-                        film.weight.copy_(torch.randn(film.weight.shape, generator=g) * std)
 
 
 @pytest.fixture(scope="module")

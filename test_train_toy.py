@@ -22,7 +22,7 @@ import report
 import train_toy
 from cogvla_mini import CogVLA
 from course import finish, skip_if_stubs_left, start, stubs_block
-from test_cogvla_mini import randomize_films
+from conftest import randomize_films
 
 
 # ----------------------------------------------------------------------------- the toy trainer
