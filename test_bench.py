@@ -11,7 +11,7 @@ import torch
 import bench
 import cogvla_mini as cm
 import course
-from course import assert_close
+from exercises import assert_close
 
 
 def test_benchmark_runs_at_toy_size_and_ends_with_json_lines():

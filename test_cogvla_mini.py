@@ -3,12 +3,9 @@ device-parametrised ones run on CUDA too when there is one."""
 
 import dataclasses
 import functools
-import json
 import inspect
 import math
-import re
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cogvla_mini as cm
 import course
+import exercises
 from cogvla_mini import CogVLA, CogVLAConfig
 from conftest import randomize_films
-from course import Case, assert_close, exercise, stubs_block
+from course import exercise, stubs_block
+from exercises import Case, assert_close
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                   reason="no CUDA device"))]
@@ -1336,7 +1335,7 @@ def test_a_planted_classic_mistake_fails_its_exercise_naming_it(monkeypatch, exe
     for ex, build in course.EXERCISE_TESTS:
         for case in course.cases_of(build) if ex == exercise_id else []:
             try:
-                course.check(case, cm)
+                exercises.check(case, cm)
             except AssertionError as err:
                 messages.append(str(err))
     assert messages, f"{where} with the mistake '{named}' planted passed every test of exercise {exercise_id}"

@@ -14,9 +14,9 @@ import torch
 import cogvla_mini as cm
 import course
 import test_cogvla_mini
-from course import (CALLS, EXERCISE_STUB, EXERCISES, HERE, GradingError, UsageError, find_regions,
-                    format_grade, grade, grade_class, main, make_handout, region_bodies, skip_if_stubs_left,
-                    stubs_left, with_bodies)
+from course import (HERE, GradingError, UsageError, find_regions, format_grade, grade, grade_class, main,
+                    make_handout, region_bodies, skip_if_stubs_left, stubs_left, with_bodies)
+from exercises import CALLS, EXERCISE_STUB, EXERCISES
 
 
 # ----------------------------------------------------------------------------- the exercises and their tests
