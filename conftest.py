@@ -1,8 +1,47 @@
-"""What the test files share: helpers that more than one of them uses."""
+"""What the test files share: the `check` of an exercise's cases, what a stub does to a test
+(in a handout, an exercise not yet written), and helpers that more than one test file uses."""
 
+import pytest
 import torch
 
 import cogvla_mini as cm
+import exercises
+
+
+def pytest_collection_modifyitems(items):
+    """`pytest -k <id>` selects the tests marked @pytest.mark.exercise(<id>)."""
+    for item in items:
+        if mark := item.get_closest_marker("exercise"):
+            item.extra_keyword_matches.add(mark.args[0])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """An exercise test's failed check reads as its message alone, without a traceback into the
+    checking code. A test that runs into a stub (NotImplementedError "exercise <id>: not
+    started") fails as "not started" if it is that exercise's, and is skipped as blocked by it
+    otherwise (in a handout, an exercise not yet written)."""
+    report = yield
+    error = call.excinfo.value if call.excinfo else None
+    mark = item.get_closest_marker("exercise")
+    own = mark.args[0] if mark else None
+    stub = isinstance(error, NotImplementedError) and exercises.EXERCISE_STUB.match(str(error))
+    if stub:
+        where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"      # the stub's function
+        if stub[1] == own:
+            report.longrepr = f"exercise {own}: not started (the stub in {where} raises NotImplementedError)"
+        else:
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1], f"blocked by exercise {stub[1]}: {where} not started")
+    elif own and isinstance(error, AssertionError):
+        report.longrepr = f"exercise {own}: {error}"
+    return report
+
+
+@pytest.fixture
+def check():
+    """check(case, ...): run each case on cogvla_mini and compare (exercises.check)."""
+    return lambda *cases: [exercises.check(case, cm) for case in cases]
 
 
 def randomize_films(model, router=True, vision=True, std=0.5):

@@ -15,32 +15,25 @@ reference's outputs and the outputs of the classic mistakes, made at handout tim
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
-import faulthandler
 import functools
 import importlib
-import inspect
 import json
 import math
-import os
+import multiprocessing
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import traceback
-import warnings
 from pathlib import Path
 
-import pytest
 import torch
 
-from exercises import EXERCISE_STUB, EXERCISES, Case, check, save_cases
+from exercises import (EXERCISE_STUB, EXERCISES, Case, cases_of, compare, compare_error, exercise_tests,
+                       hand_back_outputs, load_cases, save_cases)
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,122 +53,31 @@ class UsageError(ValueError):
     """A command given the wrong arguments: the message names the argument."""
 
 
-# %% Tests: tags, and what happens when a test runs into a stub ================================
+# %% The handout's tests: the stored cases, run on the student's cogvla_mini.py ================
 
-EXERCISE_TESTS = []   # (exercise, test function): the instructor's tests, in order
-
-
-def exercise(ex_id):
-    """Tag a test as one of exercise `ex_id`'s: `grade` counts it for that exercise, `pytest -k
-    ex_id` selects it (pytest's -k also matches names set on a test function), and a handout
-    stores its cases. The test returns its Case or Cases; the tag checks them on cogvla_mini."""
-    if ex_id not in EXERCISES:
-        raise ValueError(f"unknown exercise {ex_id!r}: expected one of {', '.join(EXERCISES)}")
-
-    def tag(build):
-        build.exercise = ex_id
-
-        @functools.wraps(build)
-        def test():
-            cm = importlib.import_module("cogvla_mini")
-            for case in cases_of(build):
-                check(case, cm)
-        test.exercise, test.build = ex_id, build
-        setattr(test, f"exercise_{ex_id}", True)
-        EXERCISE_TESTS.append((ex_id, build))
-        return test
-    return tag
-
-
-def cases_of(build) -> list[Case]:
-    """The cases an @exercise test builds, each told its exercise and test."""
-    made = build()
-    made = made if isinstance(made, list) else [made]
-    return [dataclasses.replace(c, exercise=build.exercise, test=build.__name__) for c in made]
-
-
-@contextlib.contextmanager
-def stubs_block(own=None):
-    """In a handout, an exercise not yet written raises NotImplementedError("exercise <id>: not
-    started ..."). A test of that exercise then fails as "not started"; any other test that runs
-    into it is skipped as blocked by it, not failed."""
-    try:
-        yield
-    except NotImplementedError as err:
-        stub = EXERCISE_STUB.match(str(err))
-        if stub is None:
-            raise
-        where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"   # the stub's function
-        if stub[1] == own:
-            raise pytest.fail.Exception(f"exercise {own}: not started (the stub in {where} raises "
-                                        f"NotImplementedError)", pytrace=False) from None
-        raise pytest.skip.Exception(f"blocked by exercise {stub[1]}: {where} not started") from None
-
-
-def graded(test, own=None):
-    """Run `test` inside stubs_block; an exercise test's failed assertion becomes its message
-    alone, prefixed with the exercise, with no traceback into the test's code."""
-    own = own or getattr(test, "exercise", None)
-
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        with stubs_block(own or getattr(kwargs.get("case"), "exercise", None)):
-            try:
-                return test(*args, **kwargs)
-            except AssertionError as err:
-                ex = own or getattr(kwargs.get("case"), "exercise", None)
-                if ex is None:
-                    raise
-                message = str(err) or f"failed: {traceback.extract_tb(err.__traceback__)[-1].line}"
-                raise pytest.fail.Exception(f"exercise {ex}: {message}", pytrace=False) from None
-    return run
-
-
-def wrap_tests(namespace):
-    """Every test runs inside stubs_block (see `graded`), so that in a handout an exercise not yet
-    written skips the tests it blocks instead of failing them. A test file calls this at its end."""
-    for name, test in list(namespace.items()):
-        if name.startswith("test_") and inspect.isfunction(test):
-            namespace[name] = graded(test)
-
-
-def stubs_in(text):
-    return sorted(set(re.findall(r'raise NotImplementedError\("exercise (\w+): not started', text)))
-
-
-def stubs_left():
-    """The exercises whose stub is still in cogvla_mini.py."""
-    return stubs_in(open(importlib.import_module("cogvla_mini").__file__).read())
-
-
-def skip_if_stubs_left():
-    if left := stubs_left():
-        pytest.skip(f"blocked by exercise {left[0]} (not started)")
-
-
-# The handout's test file: its checks are the stored cases, run on the student's cogvla_mini.py.
-STUDENT_TESTS = '''"""Your exercises' tests: `python -m pytest -k <id>` checks one, `python course.py grade`
-all of them. Each check runs your code on inputs stored in exercises.pt and compares the result
-with the reference's output stored beside them (made when the handout was made)."""
+STUDENT_TESTS = '''"""Your exercises' checks: `python -m pytest -k <id>` runs one exercise's, `python course.py
+grade` all of them, with points. Each runs your code on inputs stored in exercises.pt and compares
+the result with the reference's output stored beside them (made when the handout was made)."""
 
 from pathlib import Path
 
 import pytest
 
-import cogvla_mini
-import course
 import exercises
 
 CASES = exercises.load_cases(Path(__file__).parent / "exercises.pt")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.exercise}-{c.test.removeprefix('test_')}-{i}" for i, c in enumerate(CASES)])
-def test_exercise(case):
-    exercises.check(case, cogvla_mini)
-
-
-course.wrap_tests(globals())
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.exercise(c.exercise),
+                                               id=f"{c.exercise}-{c.test.removeprefix('test_')}-{i}")
+                                  for i, c in enumerate(CASES)])
+def test_exercise(case, check):
+    check(case)
 '''
+
+
+def stubs_in(text):
+    return sorted(set(re.findall(r'raise NotImplementedError\("exercise (\w+): not started', text)))
 
 
 # %% Regions: one marker line, to the end of its block =========================================
@@ -308,8 +210,8 @@ def stub_bodies(text, ids):
 
 # What a handout carries besides the stubbed cogvla_mini.py. Not the instructor's tests: they hold
 # the naive reference of every exercise.
-HANDOUT_FILES = (".gitignore", "README.md", "bench.py", "course.py", "exercises.py", "pytest.ini",
-                 "requirements.txt", "train_toy.py")
+HANDOUT_FILES = (".gitignore", "README.md", "bench.py", "conftest.py", "course.py", "exercises.py",
+                 "pytest.ini", "requirements.txt", "train_toy.py")
 
 
 def make_handout(ids, out, project=HERE, log=print):
@@ -325,7 +227,7 @@ def make_handout(ids, out, project=HERE, log=print):
         raise ValueError(f"{project / 'cogvla_mini.py'}: no region for exercise(s) {', '.join(missing)}")
     stubbed, _ = with_bodies(source, stub_bodies(source, ids))
     log(f"making the stored checks of {len(ids)} exercise(s) from the reference ...")
-    cases = [case for ex, build in instructor_tests(project) if ex in ids for case in cases_of(build)]
+    cases = [case for case in instructor_cases(project) if case.exercise in ids]
     with tempfile.TemporaryDirectory() as tmp:
         draft = Path(tmp) / "handout"
         draft.mkdir()
@@ -346,15 +248,17 @@ def make_handout(ids, out, project=HERE, log=print):
     return checks
 
 
-def instructor_tests(project=HERE):
-    """[(exercise, case builder)] of the instructor's test file in `project`."""
+@functools.cache
+def instructor_cases(project=HERE) -> list[Case]:
+    """The cases of every exercise test in the instructor's test file in `project`, built here:
+    the expected outputs come from its naive references, never from a student's code."""
     if not (Path(project) / "test_cogvla_mini.py").exists():
-        raise UsageError(f"handout: {project} has no test_cogvla_mini.py: a handout is made from the "
-                         f"instructor's copy of the project, which holds the references")
+        raise UsageError(f"{project} has no test_cogvla_mini.py: handouts and grades are made from "
+                         f"the instructor's copy of the project, which holds the references")
     if str(project) not in sys.path:
         sys.path.insert(0, str(project))
-    importlib.import_module("test_cogvla_mini")      # its @exercise tags fill EXERCISE_TESTS
-    return list(EXERCISE_TESTS)
+    tests = exercise_tests(importlib.import_module("test_cogvla_mini"))
+    return [case for ex, test in tests for case in cases_of(ex, test)]
 
 
 def leaked_lines(folder, lines):
@@ -406,76 +310,15 @@ def check_handout(draft, ids, source, project, log):
 
 
 # %% Grading ===================================================================================
+# The student's code runs in a process of its own that only computes outputs for given inputs
+# (exercises.hand_back_outputs); this process, which never imports it, compares them.
 
-GRADING_TIME_LIMIT = 600   # s, per submission; an endless loop in a student's code ends here
+GRADING_TIME_LIMIT = 600   # s, per grading process; an endless loop in a student's code ends here
 
 
 class GradingError(RuntimeError):
-    """A submission that cannot be graded (a syntax error, a missing file or marker, a crash, a
-    time-out): the message says why, with the student's file and line."""
-
-
-class ExerciseResults:
-    """A pytest plugin: run only the tests of the given exercises, and record each one's outcome."""
-
-    def __init__(self, exercises):
-        self.exercises, self.tests, self.errors = set(exercises), {}, []
-
-    @staticmethod
-    def exercise_of(item):
-        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
-        return case.exercise if case else getattr(getattr(item, "function", None), "exercise", None)
-
-    def pytest_collection_modifyitems(self, config, items):
-        chosen = [i for i in items if self.exercise_of(i) in self.exercises]
-        config.hook.pytest_deselected(items=[i for i in items if i not in chosen])
-        items[:] = chosen
-        for item in chosen:
-            self.tests[item.nodeid] = {"exercise": self.exercise_of(item), "outcome": None, "message": ""}
-
-    def pytest_collectreport(self, report):
-        if report.failed:     # e.g. cogvla_mini.py does not import
-            lines = [line for line in report.longreprtext.strip().split("\n") if line.strip(" ^~")]
-            self.errors.append("could not collect the tests:\n" + "\n".join(lines[-4:]))
-
-    def pytest_runtest_logreport(self, report):
-        test = self.tests.get(report.nodeid)
-        if test is None or test["outcome"] not in (None, "passed"):
-            return
-        if report.failed:
-            text = report.longreprtext.strip()
-            crash = getattr(report.longrepr, "reprcrash", None)
-            if not text.startswith("exercise ") and crash is not None:    # the student's code raised
-                text = f"{crash.message} (at {crash.path}:{crash.lineno})"
-            own = f"exercise {test['exercise']}: not started"
-            test["outcome"], test["message"] = ("not started" if text.startswith(own) else "failed"), text
-        elif report.skipped:
-            reason = (report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr))
-            reason = reason.removeprefix("Skipped: ")
-            test["outcome"], test["message"] = ("blocked" if reason.startswith("blocked by") else "skipped"), reason
-        elif report.when == "call":
-            test["outcome"] = "passed"
-
-
-def run_exercise_tests(results_file, runs):
-    """In a process of its own (see grade, start): for each [workdir, test file, ids] run those
-    exercises' tests in workdir, which holds a cogvla_mini.py to grade and what the tests import."""
-    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"     # no plugin of another project
-    results = []
-    for workdir, test_file, ids in runs:
-        for name in ("cogvla_mini", "bench", "conftest", "course", "exercises", "test_cogvla_mini", "test_exercises"):
-            sys.modules.pop(name, None)                                 # import the workdir's copies
-        sys.path.insert(0, workdir)
-        plugin = ExerciseResults(ids)
-        # Plain asserts (every exercise test says what failed) and no unraisable-exception plugin,
-        # whose gc passes would cost a second per run.
-        code = pytest.main([str(Path(workdir) / test_file), "--assert=plain", "-p", "no:cacheprovider",
-                            "-p", "no:terminal", "-p", "no:unraisableexception"], plugins=[plugin])
-        sys.path.remove(workdir)
-        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
-            plugin.errors.append(f"pytest stopped: {code!r}")
-        results.append({"exercises": ids, "tests": list(plugin.tests.values()), "errors": plugin.errors})
-    Path(results_file).write_text(json.dumps(results))
+    """A submission, or one exercise's run, that cannot be graded (a syntax error, a missing file
+    or marker, a crash, a time-out, outputs that are not plain data): the message says why."""
 
 
 def submission_folder(path, option):
@@ -516,105 +359,151 @@ def student_source(folder):
 def grade(student, reference=None, exercises=None, time_limit=GRADING_TIME_LIMIT, log=print,
           stored_checks=None):
     """One row per assigned exercise: status, tests passed of total, points, the first failure's
-    message. The tests are the instructor's, when this copy of course.py has them, or else
-    (`stored_checks`) the handout's own. With a `reference` folder, each exercise runs on the
-    reference's cogvla_mini.py with only that exercise's regions taken from the student's, so one
-    mistake does not fail every exercise built on it; without, an exercise whose dependency
-    failed is "blocked by" it."""
+    message. The cases are the instructor's tests', when this copy of course.py has them, or else
+    (`stored_checks`) the handout's own. With a `reference` folder, each exercise runs, in a
+    process of its own, on the reference's cogvla_mini.py with only that exercise's regions taken
+    from the student's, so one mistake does not fail every exercise built on it; without, all
+    run on the student's file in one process, and an exercise whose dependency failed is
+    "blocked by" it."""
     student = submission_folder(student, "grade: DIR")
     ids = assigned(student, exercises)
     path, mine = student_source(student)
-    instructor = (HERE / "test_cogvla_mini.py").exists() if stored_checks is None else not stored_checks
-    if not instructor:
-        for name in ("test_exercises.py", "exercises.pt"):
-            if not (student / name).exists():
-                raise GradingError(f"{student / name}: missing (the handout's checks)")
-    helpers = (("test_cogvla_mini.py", "conftest.py", "course.py", "exercises.py", "bench.py") if instructor
-               else ("course.py", "exercises.py"))
-    test_file = "test_cogvla_mini.py" if instructor else "test_exercises.py"
+    if (HERE / "test_cogvla_mini.py").exists() if stored_checks is None else not stored_checks:
+        cases = instructor_cases(HERE)
+    elif not (student / "exercises.pt").exists():
+        raise GradingError(f"{student / 'exercises.pt'}: missing (the handout's checks)")
+    else:
+        cases = load_cases(student / "exercises.pt")
+    cases = [c for c in cases if c.exercise in ids]
+    if reference is None:
+        runs = {"all": (mine, {n: (str(path), n) for n in range(1, mine.count("\n") + 2)})}
+        places = ["all"] * len(cases)
+    else:
+        theirs = (Path(reference) / "cogvla_mini.py").read_text()
+        bodies = located_bodies(mine, path)
+        if absent := [ex for ex in ids if ex not in bodies]:
+            raise GradingError(f"{path}: no region for exercise(s) {', '.join(absent)}: its "
+                               f"'# --- exercise <id> ---' marker line must stay")
+        runs = {ex: with_bodies(theirs, {ex: bodies[ex]}) for ex in ids}
+        places = [c.exercise for c in cases]
+    log(f"grading {path}" + (f" in isolation against {reference}" if reference else "")
+        + f": {len(ids)} exercise(s) ...")
+    records = outputs_of({name: text for name, (text, _) in runs.items()}, cases, places, time_limit, path)
+    tests = {}    # test -> its exercise, and the first case that did not pass: (outcome, message)
+    for case, record, place in zip(cases, records, places):
+        outcome, message = verdict(case, record)
+        test = tests.setdefault(case.test, {"exercise": case.exercise, "outcome": "passed", "message": ""})
+        if test["outcome"] == "passed" and outcome != "passed":
+            test.update(outcome=outcome, message=relocated(message, runs[place][1], Path(reference or student)))
+    return grade_rows(list(tests.values()), ids, stubs_in(mine), blocking=reference is None)
+
+
+# A grading process starts as a copy of a server process that has imported torch and nothing of
+# the student's (the standard library's forkserver), in milliseconds instead of the ~1.5 s a
+# fresh interpreter takes to import torch; where there is no fork (Windows), a fresh interpreter.
+PROCESSES = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                        else "spawn")
+PROCESSES.set_forkserver_preload(["torch", "exercises"])
+
+
+def outputs_of(texts, cases, places, time_limit, path):
+    """Run each case on the cogvla_mini.py texts[place] in a process of its own, which hands back
+    what each call returned or raised, as tensors and strings (loaded with weights_only: nothing
+    executable). GradingError if it does not finish in time, ends without its outputs, or hands
+    back anything else."""
     with tempfile.TemporaryDirectory() as tmp:
-        places = {}                     # workdir -> {line: (path, line)} of the student's lines
+        tmp = Path(tmp)
+        for name, text in texts.items():
+            (tmp / name).mkdir()
+            (tmp / name / "cogvla_mini.py").write_text(text)
+        torch.save({"calls": [{"module": str(tmp / place / "cogvla_mini.py"), "call": c.call.__name__,
+                               "inputs": c.inputs} for c, place in zip(cases, places)]}, tmp / "job.pt")
+        job, out, log = tmp / "job.pt", tmp / "outputs.pt", tmp / "grading.log"
+        process = PROCESSES.Process(target=hand_back_outputs, args=(job, out, log, time_limit), daemon=True)
+        process.start()
+        process.join(time_limit + 30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise GradingError(f"{path}: the grading run did not finish within {time_limit} s (an endless "
+                               f"loop?), and did not stop itself: killed")
+        printed = log.read_text(errors="replace") if log.exists() else ""
+        if "Timeout (" in printed:      # faulthandler's stacks, innermost call first
+            stacks = printed[printed.index("Timeout ("):].splitlines()
+            raise GradingError(f"{path}: the grading run did not finish within {time_limit} s (an endless "
+                               f"loop?); where it was:\n" + "\n".join(stacks[:12]))
+        if process.exitcode != 0 or not out.exists():
+            raise GradingError(f"{path}: the grading process crashed (exit code {process.exitcode}) before "
+                               f"it handed back its outputs:\n{printed[-3000:]}")
+        try:
+            records = torch.load(out, weights_only=True)
+        except Exception as err:
+            raise GradingError(f"{path}: the grading process handed back outputs that are not plain data "
+                               f"({type(err).__name__}: {str(err)[:200]})") from None
+    if type(records) is not list or len(records) != len(cases):
+        raise GradingError(f"{path}: the grading process handed back {type(records).__name__}, expected "
+                           f"a list of {len(cases)} outputs")
+    return records
 
-        def workdir(name, text, origin):
-            folder = Path(tmp) / name
-            folder.mkdir()
-            (folder / "cogvla_mini.py").write_text(text)
-            for helper in helpers:
-                shutil.copy2(HERE / helper, folder / helper)
-            if not instructor:
-                shutil.copy2(student / "test_exercises.py", folder / "test_exercises.py")
-                shutil.copy2(student / "exercises.pt", folder / "exercises.pt")
-            places[str(folder)] = origin
-            return str(folder)
 
-        if reference is None:
-            origin = {n: (str(path), n) for n in range(1, mine.count("\n") + 2)}
-            runs = [[workdir("all", mine, origin), test_file, ids]]
+def verdict(case, record):
+    """(outcome, message) of one case, from what the grading process handed back for it."""
+    if type(record) is not dict:
+        return "failed", f"exercise {case.exercise}: {case.what}: handed back {type(record).__name__}, not outputs"
+    error, message = record.get("error"), str(record.get("message", ""))
+    stub = error == "NotImplementedError" and EXERCISE_STUB.match(message)
+    if stub:
+        where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"
+        if stub[1] == case.exercise:
+            return "not started", (f"exercise {case.exercise}: not started (the stub in {where} raises "
+                                   f"NotImplementedError)")
+        return "blocked", f"blocked by exercise {stub[1]}: {where} not started"
+    if error is not None and not case.raises:
+        return "failed", f"{error}: {message}"
+    try:
+        if case.raises:
+            compare_error(case, error, message)
         else:
-            theirs = (Path(reference) / "cogvla_mini.py").read_text()
-            bodies = located_bodies(mine, path)
-            if absent := [ex for ex in ids if ex not in bodies]:
-                raise GradingError(f"{path}: no region for exercise(s) {', '.join(absent)}: its "
-                                   f"'# --- exercise <id> ---' marker line must stay")
-            runs = []
-            for ex in ids:
-                text, origin = with_bodies(theirs, {ex: bodies[ex]})
-                runs.append([workdir(ex, text, origin), test_file, [ex]])
-        log(f"grading {path}" + (f" in isolation against {reference}" if reference else "")
-            + f": {len(ids)} exercise(s) ...")
-        results_file, log_path = Path(tmp) / "results.json", Path(tmp) / "grading.log"
-        [code] = finish([start("run_exercise_tests", [str(results_file), runs], log_path)], time_limit)
-        output = log_path.read_text()
-        if code is None:    # the log holds the stacks, innermost call first
-            raise GradingError(f"{path}: the grading run did not finish within {time_limit} s (an "
-                               f"endless loop?); where it was:\n" + "\n".join(output.splitlines()[:12]))
-        if not results_file.exists():
-            raise GradingError(f"{path}: the grading process crashed (exit code {code}):\n{output[-3000:]}")
-        results = json.loads(results_file.read_text())
-        for result in results:       # error places inside the temporary copies -> the student's
-            for test in result["tests"]:
-                test["message"] = relocated(test["message"], places, Path(reference or student))
-    return grade_rows(results, ids, stubs_in(mine), blocking=reference is None)
+            compare(case, record.get("outputs"))
+    except AssertionError as err:
+        return "failed", f"exercise {case.exercise}: {err}"
+    return "passed", ""
 
 
-def relocated(message, places, reference):
-    """An error's 'at .../workdir/cogvla_mini.py:LINE' -> the student's file and line, or the
-    reference's where the line is not the student's."""
+def relocated(message, origin, reference):
+    """An error's 'at .../cogvla_mini.py:LINE' in the graded copy -> the student's file and line
+    (`origin`), or the reference's where the line is not the student's."""
     def place(m):
-        workdir, line = str(Path(m[1]).parent), int(m[2])
-        if line in places.get(workdir, {}):
-            where, n = places[workdir][line]
+        line = int(m[1])
+        if line in origin:
+            where, n = origin[line]
             return f"(at {where}:{n})"
         return f"(at {reference / 'cogvla_mini.py'}:{line}, the reference's code)"
-    return re.sub(r"\(at (\S+cogvla_mini\.py):(\d+)\)", place, message)
+    return re.sub(r"\(at \S+cogvla_mini\.py:(\d+)\)", place, message)
 
 
-def grade_rows(results, ids, stubbed, blocking=True):
+def grade_rows(tests, ids, stubbed, blocking=True):
     rows = {}
     for ex in ids:
-        ran = [r for r in results if ex in r["exercises"]]
-        tests = [t for r in ran for t in r["tests"] if t["exercise"] == ex and t["outcome"] != "skipped"]
-        errors = [e for r in ran for e in r["errors"]]
-        passed = sum(t["outcome"] == "passed" for t in tests)
+        mine = [t for t in tests if t["exercise"] == ex]
+        passed = sum(t["outcome"] == "passed" for t in mine)
 
         def first(outcome):
             """The first message of this outcome, preferring one that names a classic mistake."""
-            messages = [t["message"] for t in tests if t["outcome"] == outcome]
+            messages = [t["message"] for t in mine if t["outcome"] == outcome]
             return next((m for m in messages if "likely mistake" in m), messages[0] if messages else "")
 
-        if errors:
-            status, message = "failed", errors[0]
-        elif first("failed"):
+        if first("failed"):
             status, message = "failed", first("failed")
-        elif ex in stubbed or any(t["outcome"] == "not started" for t in tests):
+        elif ex in stubbed or any(t["outcome"] == "not started" for t in mine):
             status, message = "not started", first("not started") or first("blocked")
-        elif any(t["outcome"] == "blocked" for t in tests):
+        elif any(t["outcome"] == "blocked" for t in mine):
             status, message = "blocked", first("blocked")
-        elif tests and passed == len(tests):
+        elif mine and passed == len(mine):
             status, message = "passed", ""
         else:
             status, message = "failed", "no test of this exercise ran"
-        rows[ex] = {"exercise": ex, "status": status, "passed": passed, "total": len(tests),
+        rows[ex] = {"exercise": ex, "status": status, "passed": passed, "total": len(mine),
                     "first_failure": message}
     for ex, row in rows.items():     # a failure through an exercise it builds on is not its own
         upstream = [d for d in EXERCISES[ex].depends if d in rows and rows[d]["status"] != "passed"]
@@ -642,6 +531,13 @@ def grade_summary(rows):
     return {"exercises": rows, "passed": sum(r["status"] == "passed" for r in rows),
             "total": len(rows), "points": sum(r["points"] for r in rows),
             "points_possible": sum(r["points_possible"] for r in rows)}
+
+
+def write_gradescope(rows, path, note=""):
+    """Gradescope's autograder results.json: the total, and a test per exercise."""
+    tests = [{"name": r["exercise"], "score": r["points"], "max_score": r["points_possible"],
+              "output": note or r["first_failure"] or "passed"} for r in rows]
+    Path(path).write_text(json.dumps({"score": sum(r["points"] for r in rows), "tests": tests}, indent=1) + "\n")
 
 
 def in_short(message):
@@ -712,94 +608,6 @@ def grade_class(folder, reference=HERE, exercises=None, csv_path=None,
     return book
 
 
-# %% Processes: each grading run in its own, with a time limit =================================
-
-def can_fork():
-    """A child forked from this process starts with torch imported, seconds saved per process
-    over a fresh interpreter. Linux only, and only while CUDA is not initialised."""
-    return sys.platform == "linux" and not torch.cuda.is_initialized()
-
-
-def start(name, args, log_path):
-    """Run function `name` ("module:function", or one of this file's) with *args in a process
-    of its own; returns a handle for `finish`. Forked where can_fork(), else a fresh interpreter
-    that imports this file: either way the child runs child_main."""
-    if not can_fork():
-        with open(log_path, "w") as log:            # the child's output, import errors included
-            return subprocess.Popen([sys.executable, "-c", "import json, sys, course as t; "
-                                     "t.child_main(*json.loads(sys.argv[1]))",
-                                     json.dumps([str(log_path), name, args])],
-                                    cwd=HERE, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    with warnings.catch_warnings():     # Python >= 3.12 warns at any fork of a threaded process
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:
-        try:
-            child_main(str(log_path), name, args)
-        finally:
-            os._exit(1)                 # never return into the parent's code (pytest's session)
-    return pid
-
-
-def child_main(log_path, name, args):
-    """The child's side of `start`: its output, Python's and the C++ libraries', goes to log_path;
-    it exits 0 when the function returns, 1 with the traceback when it raises; on SIGUSR1 it
-    writes every thread's stack there (see finish). A forked child must not take over from its
-    parent: OpenMP's thread pool (its threads do not exist in the child, whose first parallel op
-    would hang: one thread, as torchrun's OMP_NUM_THREADS=1 makes each rank do), nor pytest's
-    assertion-rewriting import hook (a graded test file imports as in a fresh interpreter)."""
-    with open(log_path, "a", buffering=1) as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        sys.stdout = sys.stderr = log
-        if hasattr(signal, "SIGUSR1"):
-            faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
-        try:
-            torch.set_num_threads(1)
-            sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"]
-            module, _, function = name.rpartition(":")
-            getattr(importlib.import_module(module) if module else sys.modules[__name__], function)(*args)
-        except BaseException:
-            traceback.print_exc()
-            log.flush()
-            os._exit(1)     # at once, freeing nothing: see the gloo deadlock in train_toy
-    os._exit(0)
-
-
-def finish(children, timeout):
-    """Each child's exit code, or None for one still running after `timeout` s: that one is asked
-    for its stacks (SIGUSR1: they go to its log), then killed. Children left when this is
-    interrupted are stopped the same way."""
-    def poll(child):
-        if isinstance(child, subprocess.Popen):
-            return child.poll()
-        done, status = os.waitpid(child, os.WNOHANG)
-        return os.waitstatus_to_exitcode(status) if done else None
-
-    def stop(child):
-        forked = not isinstance(child, subprocess.Popen)
-        if hasattr(signal, "SIGUSR1"):
-            os.kill(child if forked else child.pid, signal.SIGUSR1)
-            time.sleep(1)
-        if forked:
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
-        else:
-            child.kill()
-            child.wait()
-
-    codes, deadline = [None] * len(children), time.monotonic() + timeout
-    try:
-        while None in codes and time.monotonic() < deadline:
-            codes = [code if code is not None else poll(child) for child, code in zip(children, codes)]
-            time.sleep(0.05)
-    finally:
-        for child, code in zip(children, codes):
-            if code is None:
-                stop(child)
-    return codes
-
-
 # %% The command line ==========================================================================
 
 def main(argv=None):
@@ -822,7 +630,10 @@ def main(argv=None):
     g.add_argument("--exercises", help="grade these ('all' or ids separated by commas) instead of "
                    "what the folder's handout.json assigns")
     g.add_argument("--time-limit", type=float, default=GRADING_TIME_LIMIT,
-                   help="seconds per submission before its grading is stopped")
+                   help="seconds per grading process (a submission, or with --isolate one exercise) "
+                   "before it is stopped")
+    g.add_argument("--gradescope", metavar="FILE", help="also write Gradescope's autograder "
+                   "results.json here (not with --class)")
     args = parser.parse_args(argv)
 
     def say(message):
@@ -839,9 +650,9 @@ def main(argv=None):
             return 0
         ids = parse_exercise_ids(args.exercises) if args.exercises else None
         if args.class_dir:
-            if args.dir or args.isolate:
+            if args.dir or args.isolate or args.gradescope:
                 raise UsageError("grade --class grades every folder under FOLDER against --reference: "
-                                 "leave out DIR and --isolate")
+                                 "leave out DIR and --isolate (and --gradescope, which is for one copy)")
             book = grade_class(args.class_dir, args.reference, ids, args.csv, args.time_limit, log=say)
             return 0 if all(b["points"] == b["total"] for b in book) else 1
         folder = args.dir or str(HERE)
@@ -851,7 +662,12 @@ def main(argv=None):
             rows = grade(folder, args.isolate, ids, args.time_limit, log=say)
         except GradingError as err:
             print(f"cannot grade {folder}: {err}", file=sys.stderr)
+            if args.gradescope:    # every exercise 0 points, with the reason
+                write_gradescope(grade_rows([], assigned(folder, ids), [], blocking=False), args.gradescope,
+                                 note=f"not graded: {err}")
             return 1
+        if args.gradescope:
+            write_gradescope(rows, args.gradescope)
         print(format_grade(rows))
         print(json.dumps(grade_summary(rows)))
         return 0 if all(r["status"] == "passed" for r in rows) else 1
@@ -861,6 +677,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Run as the module `course`, which the test files import and register their tests with,
-    # not as a second copy named __main__.
-    sys.exit(importlib.import_module("course").main())
+    sys.exit(main())

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
+import importlib.util
+import io
+import lzma
 import re
+import sys
+import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -101,11 +108,11 @@ EXERCISES = {
 
 @dataclasses.dataclass
 class Case:
-    """One check of an exercise: run the student's code (CALLS[call]) on `inputs` and compare each
-    of its outputs with `want`. The instructor's tests build cases from naive references; a
-    handout stores them, the reference's outputs and the classic mistakes' outputs computed."""
+    """One check of an exercise: `call` (one of the call_ functions below) runs the student's code
+    on `inputs`, and each of its outputs is compared with `want`. The instructor's tests build
+    cases from naive references; a handout stores them, the classic mistakes' outputs computed."""
     what: str                 # a failure's first line: which function, which case
-    call: str                 # a key of CALLS
+    call: Callable            # call_<name>(cm, **inputs) -> {output name: tensor}
     inputs: dict              # the call's arguments: tensors, numbers, strings, dicts of them
     want: dict = dataclasses.field(default_factory=dict)      # output name -> expected tensor
     tol: dict = dataclasses.field(default_factory=dict)       # output -> largest difference allowed
@@ -113,7 +120,7 @@ class Case:
     dtypes: dict = dataclasses.field(default_factory=dict)    # output name -> expected dtype name
     allowed_off: int = 0      # values allowed beyond tol (bf16 rounding may flip a few)
     raises: str | None = None  # "ErrorType: text it must contain", instead of outputs
-    exercise: str = ""        # set by the @exercise tag
+    exercise: str = ""        # set by cases_of, from the test's exercise mark
     test: str = ""            # the instructor's test that made it: the claim
 
 
@@ -159,26 +166,54 @@ def assert_close(got, want, tol, what, inputs=None, mistakes=None, allowed_off=0
 
 
 def check(case: Case, cm):
-    """Run the case on module `cm` (the student's cogvla_mini) and compare, output by output."""
-    if case.raises:
-        kind, _, text = case.raises.partition(": ")
-        try:
-            CALLS[case.call](cm, **case.inputs)
-        except NotImplementedError:   # a stub: not started, or blocked (see stubs_block)
-            raise
-        except Exception as err:      # the expected kind of error, saying what it must say
-            if type(err).__name__ == kind and text in str(err):
-                return
-            raise AssertionError(f"{case.what}: expected {kind} saying {text!r}, got "
-                                 f"{type(err).__name__}: {err}") from None
-        raise AssertionError(f"{case.what}: expected {kind} saying {text!r}; nothing was raised")
-    got = CALLS[case.call](cm, **case.inputs)
+    """Run the case on module `cm` here, in this process, and compare: the tests' check and a
+    student's own. (An instructor's grade runs the student's code in a process of its own and
+    compares in another: course.py.)"""
+    if not case.raises:
+        return compare(case, case.call(cm, **case.inputs))
+    try:
+        case.call(cm, **case.inputs)
+    except NotImplementedError:   # a stub: not started, or blocked (see conftest.py)
+        raise
+    except Exception as err:      # the expected kind of error, saying what it must say?
+        return compare_error(case, type(err).__name__, str(err))
+    compare_error(case, None, "")
+
+
+def compare(case: Case, got):
+    """Each output the case wants, from `got` ({output name: tensor}), against `want`: an
+    AssertionError that teaches at the first that differs. Only plain tensors count."""
     for name, want in case.want.items():
         what = case.what if len(case.want) == 1 else f"{case.what}: {name}"
-        if name in case.dtypes and str(got[name].dtype) != case.dtypes[name]:
-            raise AssertionError(f"{what}\n  dtype: expected {case.dtypes[name]}, got {got[name].dtype}")
+        value = got.get(name) if type(got) is dict else None
+        if type(value) is not torch.Tensor:
+            raise AssertionError(f"{what}\n  expected a tensor, got {type(value).__name__}")
+        if name in case.dtypes and str(value.dtype) != case.dtypes[name]:
+            raise AssertionError(f"{what}\n  dtype: expected {case.dtypes[name]}, got {value.dtype}")
         mistakes = {m: outs[name] for m, outs in case.mistakes.items() if name in outs}
-        assert_close(got[name], want, case.tol[name], what, case.inputs, mistakes, case.allowed_off)
+        assert_close(value, want, case.tol[name], what, case.inputs, mistakes, case.allowed_off)
+
+
+def compare_error(case: Case, kind, text):
+    """The error a `raises` case expects, against the one raised (kind None: none was)."""
+    want_kind, _, want_text = case.raises.partition(": ")
+    if kind == want_kind and want_text in text:
+        return
+    got = f"got {kind}: {text}" if kind else "nothing was raised"
+    raise AssertionError(f"{case.what}: expected {want_kind} saying {want_text!r}; {got}")
+
+
+def exercise_tests(module):
+    """[(exercise, test)]: the tests of `module` marked @pytest.mark.exercise(<id>), in order."""
+    return [(mark.args[0], test) for name, test in vars(module).items() if name.startswith("test_")
+            for mark in getattr(test, "pytestmark", []) if mark.name == "exercise"]
+
+
+def cases_of(exercise, test) -> list[Case]:
+    """The cases an exercise test checks: it is called with a `check` that keeps them."""
+    made = []
+    test(check=lambda *cases: made.extend(cases))
+    return [dataclasses.replace(c, exercise=exercise, test=test.__name__) for c in made]
 
 
 # How each case runs the student's code. Each takes the student's module and the case's inputs
@@ -322,26 +357,78 @@ def call_vision_tower(cm, cfg, state, images, instruction):
     return {"out": _built(cm, cm.VisionTower(_cfg(cm, cfg)), state)(images, instruction)}
 
 
-CALLS = {name.removeprefix("call_"): f for name, f in list(globals().items())
-         if name.startswith("call_")}
+CALLS = {name: f for name, f in list(globals().items()) if name.startswith("call_")}
 
+
+# %% Stored cases: what a handout carries instead of the instructor's tests ====================
+
+def save_cases(cases: list[Case], path):
+    """Save the cases, the mistakes' outputs computed and each call by name. A tensor that
+    several cases share (a model's weights, an input) is stored once, and the file compressed."""
+    seen = {}
+
+    def plain(value):      # thunks evaluated, tensors detached and shared, containers walked
+        if callable(value):
+            value = value()
+        if isinstance(value, torch.Tensor):
+            value = value.detach().contiguous()
+            key = (value.dtype, value.shape, value.view(-1).view(torch.uint8).numpy().tobytes())
+            return seen.setdefault(key, value.clone())
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    stored = [plain({f.name: getattr(case, f.name) for f in dataclasses.fields(case) if f.name != "call"})
+              | {"call": case.call.__name__} for case in cases]
+    buffer = io.BytesIO()
+    torch.save(stored, buffer)
+    Path(path).write_bytes(lzma.compress(buffer.getvalue()))
+
+
+def load_cases(path) -> list[Case]:
+    stored = torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), weights_only=True)
+    return [Case(**{**c, "call": CALLS[c["call"]]}) for c in stored]
+
+
+# %% The grading process: outputs for inputs, nothing else ======================================
 
 EXERCISE_STUB = re.compile(r"exercise (\w+): not started( \(\w[\w.]*\))?")  # what a stub raises
 
 
-def save_cases(cases: list[Case], path):
-    """Evaluate each case's mistakes (thunks) and save everything, tensors and all."""
-    def plain(value):      # tensors detached, thunks evaluated, containers walked
-        if callable(value):
-            value = value()
-        if isinstance(value, torch.Tensor):
-            return value.detach().clone()
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-    torch.save([plain({f.name: getattr(case, f.name) for f in dataclasses.fields(case)})
-                for case in cases], path)
+def hand_back_outputs(job, out, log, time_limit):
+    """What a grading process does (started by course.py): import each cogvla_mini.py that JOB
+    names, run each call on its inputs, and save to OUT each call's outputs, or the error it
+    raised, as plain data. It compares nothing and knows no expected value: the grade is made in
+    a process that never runs the student's code. What it prints goes to LOG, and after
+    `time_limit` seconds every thread's stack, and it exits."""
+    sys.stdout = sys.stderr = open(log, "a", buffering=1)
+    faulthandler.dump_traceback_later(time_limit, exit=True, file=sys.stderr)
+    # No folder holding a cogvla_mini.py on the path: `import cogvla_mini` must not find the reference.
+    sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "cogvla_mini.py").exists()]
+    job, modules, records = torch.load(job, weights_only=True), {}, []
+    for call in job["calls"]:
+        path = call["module"]
+        try:
+            if path not in modules:
+                spec = importlib.util.spec_from_file_location("cogvla_mini", path)
+                modules[path] = sys.modules["cogvla_mini"] = importlib.util.module_from_spec(spec)
+                try:
+                    spec.loader.exec_module(modules[path])
+                except Exception as err:
+                    modules[path] = error_record(err, path, "cogvla_mini.py does not import: ")
+            if isinstance(modules[path], dict):
+                records.append(modules[path])
+                continue
+            outputs = CALLS[call["call"]](modules[path], **call["inputs"])
+            records.append({"outputs": {k: v.detach().cpu().as_subclass(torch.Tensor).clone()
+                                        for k, v in outputs.items()}})
+        except Exception as err:
+            records.append(error_record(err, path))
+    torch.save(records, out)
 
 
-def load_cases(path) -> list[Case]:
-    return [Case(**c) for c in torch.load(Path(path), weights_only=True)]
+def error_record(err, module, before=""):
+    """An error as data: its kind, and its message with the line of `module` it was raised at."""
+    lines = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == module]
+    at = f" (at {module}:{lines[-1].lineno})" if lines else ""
+    return {"error": type(err).__name__, "message": f"{before}{err}{at}"}
+

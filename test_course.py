@@ -7,6 +7,8 @@ import inspect
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,8 +17,8 @@ import cogvla_mini as cm
 import course
 import test_cogvla_mini
 from course import (HERE, GradingError, UsageError, find_regions, format_grade, grade, grade_class, main,
-                    make_handout, region_bodies, skip_if_stubs_left, stubs_left, with_bodies)
-from exercises import CALLS, EXERCISE_STUB, EXERCISES
+                    make_handout, region_bodies, with_bodies)
+from exercises import CALLS, EXERCISE_STUB, EXERCISES, cases_of, exercise_tests
 
 
 # ----------------------------------------------------------------------------- the exercises and their tests
@@ -25,10 +27,12 @@ def test_every_exercise_has_regions_and_tests_and_dash_k_picks_only_its_own():
     regions = region_bodies(open(cm.__file__).read())
     assert set(regions) == set(EXERCISES), f"exercises without a region: {sorted(set(EXERCISES) - set(regions))}"
     count = dict.fromkeys(EXERCISES, 0)
+    tags = {test.__name__: ex for ex, test in exercise_tests(test_cogvla_mini)}
+    assert set(tags.values()) <= set(EXERCISES), f"unknown exercise marks: {set(tags.values()) - set(EXERCISES)}"
     for name, test in vars(test_cogvla_mini).items():
         if not name.startswith("test_"):
             continue
-        tag = getattr(test, "exercise", None)
+        tag = tags.get(name)
         count[tag] = count.get(tag, 0) + 1
         for ex_id in EXERCISES:   # `pytest -k <id>` matches names: an exercise id only in its own tests' names
             assert ex_id not in name or tag == ex_id, f"{name} contains {ex_id!r} but is tagged {tag!r}: rename it"
@@ -39,12 +43,13 @@ def test_every_exercise_test_builds_cases_a_handout_can_store():
     """Each @exercise test returns cases: a call that exists, its inputs, an expected value for
     every output, and classic mistakes whose outputs differ from the expected ones (a mistake
     that gives the right answer names nothing)."""
-    assert {ex for ex, _ in course.EXERCISE_TESTS} == set(EXERCISES)
-    for ex, build in course.EXERCISE_TESTS:
-        for case in course.cases_of(build):
+    tests = exercise_tests(test_cogvla_mini)
+    assert {ex for ex, _ in tests} == set(EXERCISES)
+    for ex, test in tests:
+        for case in cases_of(ex, test):
             where = f"{case.test}: {case.what}"
-            assert case.exercise == ex and case.call in CALLS, where
-            assert set(inspect.signature(CALLS[case.call]).parameters) - {"cm"} == set(case.inputs), where
+            assert case.exercise == ex and CALLS.get(case.call.__name__) is case.call, where
+            assert set(inspect.signature(case.call).parameters) - {"cm"} == set(case.inputs), where
             assert case.raises or (case.want and set(case.tol) == set(case.want)), where
             for name, outputs in case.mistakes.items():
                 for out, value in outputs.items():
@@ -153,15 +158,44 @@ def planted_mistakes_graded_in_isolation(folder):
     return isolated(folder, with_mistakes(MISTAKES))
 
 
-# A class: a handout of three exercises, and one submission of each kind a class produces.
+# A student who wants full marks without solving: from inside two exercise bodies, one reaches
+# every comparison function it can find in its process and makes it agree, the other returns a
+# tensor that compares equal to anything. Each returns a wrong answer.
+CHEATS = {
+    "select": ("    return idx.sort(dim=-1).values", """\
+    import sys
+    for module in list(sys.modules.values()):
+        for name in ("assert_close", "compare", "compare_error", "check", "verdict", "grade_rows"):
+            if name in vars(module):
+                setattr(module, name, lambda *args, **kwargs: None)
+    return keep_prob.topk(k).indices"""),
+    "swiglu": ("        return self.down_proj(", """\
+        class Agreeable(torch.Tensor):
+            def __sub__(self, other):
+                return torch.zeros_like(other)
+            __rsub__ = __sub__
+            def __eq__(self, other):
+                return torch.ones_like(other, dtype=torch.bool)
+        return torch.zeros_like(x).as_subclass(Agreeable)
+        return self.down_proj("""),
+}
+
+
+def a_cheat_graded_with_isolate(folder):
+    """The rows of the cheating student's copy graded with --isolate (and an exercise left as the
+    reference's)."""
+    return isolated(folder, with_mistakes(CHEATS), ["swiglu", "select", "rmsnorm"])
+
+
+# A class of three exercises, and one submission of each kind a class produces.
 CLASS_EXERCISES = ["swiglu", "select", "gather_scatter"]
 ENDLESS = "        while True:\n            pass\n"
 
 
 def a_class(folder):
     """(gradebook rows, the CSV's rows, the log lines, the submissions' folder) of a class graded
-    with --class: full marks, one mistake, and five that cannot be graded as a whole."""
-    make_handout(CLASS_EXERCISES, folder / "handout", log=lambda *_: None)
+    with --class: full marks, one mistake, the cheat, an error, and five that cannot be graded
+    as a whole."""
     reference = (HERE / "cogvla_mini.py").read_text()
     subs = folder / "submissions"
     texts = {
@@ -173,39 +207,58 @@ def a_class(folder):
                                          "        import os\n        os._exit(3)\n        return self.down_proj(")}),
         "fay": reference.replace("    # --- exercise select ---\n", "", 1),   # a marker line deleted
         "gus": with_mistakes({"gather_scatter": ("    return x[batch, idx]", "    raise RuntimeError('boom')")}),
+        "hal": None,                                                          # cogvla_mini.py missing
+        "ivy": with_mistakes(CHEATS),
     }
     for name, text in texts.items():
-        shutil.copytree(folder / "handout", subs / name)
-        (subs / name / "cogvla_mini.py").write_text(text)
-    shutil.copytree(folder / "handout", subs / "hal")
-    (subs / "hal" / "cogvla_mini.py").unlink()                                 # a file missing
+        (subs / name).mkdir(parents=True)
+        (subs / name / "handout.json").write_text(json.dumps({"exercises": CLASS_EXERCISES}))
+        if text is not None:
+            (subs / name / "cogvla_mini.py").write_text(text)
     lines = []
-    book = grade_class(subs, HERE, csv_path=folder / "grades.csv", time_limit=4, log=lines.append)
+    book = grade_class(subs, HERE, csv_path=folder / "grades.csv", time_limit=2, log=lines.append)
     with open(folder / "grades.csv", newline="") as f:
         table = list(csv.reader(f))
     return book, table, lines, subs
 
 
-# Each job grades copies of the project in processes of their own on one thread. The first test
+GRADESCOPE_EXERCISES = ["swiglu", "select"]
+
+
+def gradescope_results(folder):
+    """Gradescope's results.json of a two-exercise handout graded as handed out, and again with
+    the reference's code pasted back."""
+    make_handout(GRADESCOPE_EXERCISES, folder / "handout", log=lambda *_: None)
+    results = []
+    for text in ((folder / "handout" / "cogvla_mini.py").read_text(), (HERE / "cogvla_mini.py").read_text()):
+        (folder / "handout" / "cogvla_mini.py").write_text(text)
+        main(["grade", str(folder / "handout"), "--gradescope", str(folder / "results.json")])
+        results.append(json.loads((folder / "results.json").read_text()))
+    return results
+
+
+# Each job grades copies of the project in processes of their own, on one thread. The first test
 # that needs one starts them all, two at a time, side by side on the two cores.
 GRADING_JOBS = {   # the test that needs it: the job
     "test_a_handout_holds_no_solution_and_grades_not_started_then_passed_with_the_reference_pasted_back":
         handout_of_all,
+    "test_in_a_handout_pytest_fails_an_exercise_not_started_and_skips_what_it_blocks": handout_of_all,
     "test_isolated_grading_fails_exactly_the_exercises_with_a_classic_mistake_and_names_it":
         planted_mistakes_graded_in_isolation,
-    "test_a_class_is_graded_one_row_per_submission_each_broken_one_with_its_reason": a_class}
+    "test_a_class_is_graded_one_row_per_submission_each_broken_one_with_its_reason": a_class,
+    "test_code_in_an_exercise_body_cannot_change_its_grade_under_isolate_or_class": a_cheat_graded_with_isolate,
+    "test_gradescope_results_score_0_as_handed_out_and_full_marks_with_the_reference": gradescope_results}
 
 
 @pytest.fixture(scope="session")
 def grading_jobs(request, tmp_path_factory):
     selected = {getattr(item, "originalname", item.name) for item in request.session.items}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        yield {} if stubs_left() else {job: pool.submit(job, tmp_path_factory.mktemp("grading"))
-                                       for test, job in GRADING_JOBS.items() if test in selected}
+        yield {job: pool.submit(job, tmp_path_factory.mktemp("grading"))
+               for job in dict.fromkeys(job for test, job in GRADING_JOBS.items() if test in selected)}
 
 
 def test_a_handout_holds_no_solution_and_grades_not_started_then_passed_with_the_reference_pasted_back(grading_jobs):
-    skip_if_stubs_left()
     (stubbed, pasted_back), out = grading_jobs[handout_of_all].result()
     assert [(r["exercise"], r["status"]) for r in stubbed] == [(ex, "not started") for ex in EXERCISES]
     assert [(r["exercise"], r["status"]) for r in pasted_back] == [(ex, "passed") for ex in EXERCISES]
@@ -234,10 +287,24 @@ def test_a_handout_holds_no_solution_and_grades_not_started_then_passed_with_the
     assert with_bodies(handout, region_bodies(reference))[0] == reference, "the reference bodies pasted back restore it"
 
 
+def test_in_a_handout_pytest_fails_an_exercise_not_started_and_skips_what_it_blocks(grading_jobs):
+    """A student's `pytest -k <id>` (conftest.py): the tests of an exercise not yet written fail as
+    "not started", in one line; the tests of one built on it are skipped as blocked by it."""
+    _, out = grading_jobs[handout_of_all].result()
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
+                          "causal_mask or lfp_layer"], cwd=out, capture_output=True, text=True, timeout=300)
+    lines = run.stdout.split("\n")
+    n_mask = sum(c.exercise == "causal_mask" for c in course.instructor_cases(HERE))
+    not_started = "exercise causal_mask: not started (the stub in attention_mask raises NotImplementedError)"
+    assert n_mask and lines.count(not_started) == n_mask, run.stdout
+    # The decoder with an inf weight (lfp_layer) builds the mask before it reaches forward_lfp.
+    assert re.search(r"SKIPPED \[1\] .*blocked by exercise causal_mask: attention_mask not started", run.stdout), run.stdout
+    assert "Traceback" not in run.stdout and "NotImplementedError(" not in run.stdout, run.stdout
+
+
 def test_isolated_grading_fails_exactly_the_exercises_with_a_classic_mistake_and_names_it(grading_jobs):
     """Each mistake fails only its own exercise (not lfp_layer, which uses rope, select, ...), and
     the message says which mistake it is."""
-    skip_if_stubs_left()
     rows = grading_jobs[planted_mistakes_graded_in_isolation].result()
     for row in rows:
         if row["exercise"] in MISTAKES:
@@ -248,17 +315,16 @@ def test_isolated_grading_fails_exactly_the_exercises_with_a_classic_mistake_and
 
 
 def test_a_class_is_graded_one_row_per_submission_each_broken_one_with_its_reason(grading_jobs):
-    skip_if_stubs_left()
     book, table, lines, subs = grading_jobs[a_class].result()
     rows = {b["student"]: b for b in book}
     total = sum(EXERCISES[ex].points for ex in CLASS_EXERCISES)
     assert table[0] == ["student", *CLASS_EXERCISES, "points", "total", "note"]
-    assert [r[0] for r in table[1:]] == sorted(rows) == ["ada", "bo", "cy", "dee", "eve", "fay", "gus", "hal"]
+    assert [r[0] for r in table[1:]] == sorted(rows) == ["ada", "bo", "cy", "dee", "eve", "fay", "gus", "hal", "ivy"]
     assert rows["ada"]["points"] == total and rows["ada"]["note"] == ""
     assert rows["bo"]["select"] == 0 and rows["bo"]["points"] == total - EXERCISES["select"].points
     assert "top-k indices left in score order" in rows["bo"]["note"]
     reasons = {"cy": f"syntax error in {subs / 'cy' / 'cogvla_mini.py'}:",
-               "dee": "did not finish within 4 s", "eve": "crashed (exit code 3)",
+               "dee": "did not finish within 2 s", "eve": "crashed (exit code 3)",
                "fay": "no region for exercise(s) select", "hal": f"{subs / 'hal' / 'cogvla_mini.py'}: missing"}
     for student, reason in reasons.items():
         assert rows[student]["note"].startswith("not graded") and reason in rows[student]["note"], rows[student]
@@ -267,8 +333,31 @@ def test_a_class_is_graded_one_row_per_submission_each_broken_one_with_its_reaso
     line = next(n for n, l in enumerate((subs / "gus" / "cogvla_mini.py").read_text().split("\n"), 1) if "'boom'" in l)
     assert f"boom (at {subs / 'gus' / 'cogvla_mini.py'}:{line})" in rows["gus"]["note"], rows["gus"]
     assert rows["gus"]["points"] == total - EXERCISES["gather_scatter"].points
-    assert [l.split(":")[0] for l in lines[1:-1]] == [f"[{i}/8] {s}" for i, s in enumerate(sorted(rows), 1)]
-    assert lines[-1].startswith("graded 3 of 8 submissions") and "1 full marks" in lines[-1]
+    assert [l.split(":")[0] for l in lines[1:-1]] == [f"[{i}/9] {s}" for i, s in enumerate(sorted(rows), 1)]
+    assert lines[-1].startswith("graded 4 of 9 submissions") and "1 full marks" in lines[-1]
+
+
+def test_code_in_an_exercise_body_cannot_change_its_grade_under_isolate_or_class(grading_jobs):
+    """The two cheats (CHEATS) get 0 points, under --isolate and in a class; the exercise beside
+    them that the student left as the reference's gets its points."""
+    rows = {r["exercise"]: r for r in grading_jobs[a_cheat_graded_with_isolate].result()}
+    assert rows["select"]["points"] == 0 and rows["swiglu"]["points"] == 0, rows
+    assert all("largest difference" in rows[ex]["first_failure"] for ex in CHEATS), rows   # wrong values, compared
+    assert rows["rmsnorm"]["points"] == EXERCISES["rmsnorm"].points, rows["rmsnorm"]
+    book = {b["student"]: b for b in grading_jobs[a_class].result()[0]}
+    assert book["ivy"]["select"] == 0 and book["ivy"]["swiglu"] == 0, book["ivy"]
+    assert book["ivy"]["points"] == EXERCISES["gather_scatter"].points, book["ivy"]
+
+
+def test_gradescope_results_score_0_as_handed_out_and_full_marks_with_the_reference(grading_jobs):
+    handed_out, pasted_back = grading_jobs[gradescope_results].result()
+    full = sum(EXERCISES[ex].points for ex in GRADESCOPE_EXERCISES)
+    for results, score in ((handed_out, 0), (pasted_back, full)):
+        assert results["score"] == score and sum(t["score"] for t in results["tests"]) == score, results
+        assert [(t["name"], t["max_score"]) for t in results["tests"]] == [
+            (ex, EXERCISES[ex].points) for ex in GRADESCOPE_EXERCISES], results
+        assert all(isinstance(t["output"], str) and t["output"] for t in results["tests"]), results
+    assert all("not started" in t["output"] for t in handed_out["tests"]), handed_out
 
 
 # ----------------------------------------------------------------------------- grading one copy
@@ -283,7 +372,6 @@ def a_student(tmp_path, exercises, text=None, name="student"):
 
 
 def test_grade_counts_only_what_was_assigned_and_blames_a_failed_dependency(tmp_path, capsys):
-    skip_if_stubs_left()
     right = a_student(tmp_path, ["rmsnorm", "lfp_layer"], name="right")
     assert main(["grade", str(right)]) == 0
     out = capsys.readouterr().out.split("\n")
@@ -318,7 +406,6 @@ def test_grade_usage_errors_name_the_argument(tmp_path, capsys):
 def test_grade_with_the_folders_the_wrong_way_round_is_refused(tmp_path, capsys):
     """--isolate REFERENCE STUDENT: a reference that does not pass itself (here a handout's stubs)
     would grade the reference's regions as the student's."""
-    skip_if_stubs_left()
     student = a_student(tmp_path, ["swiglu"])
     stubbed = a_student(tmp_path, ["swiglu"], with_bodies(student.joinpath("cogvla_mini.py").read_text(),
                         course.stub_bodies(student.joinpath("cogvla_mini.py").read_text(), ["swiglu"]))[0], "stubbed")
@@ -338,7 +425,3 @@ def test_a_syntax_error_is_one_message_with_the_students_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("syntax error") == 1 and str(student / "cogvla_mini.py") in err
 
-
-# Every test runs inside stubs_block (see course.graded): in a handout, an exercise not yet written
-# skips the tests it blocks instead of failing them.
-course.wrap_tests(globals())
