@@ -6,6 +6,7 @@ import torch
 
 import cogvla_mini as cm
 import exercises
+from exercises import stub_outcome
 
 
 def pytest_collection_modifyitems(items):
@@ -25,14 +26,11 @@ def pytest_runtest_makereport(item, call):
     error = call.excinfo.value if call.excinfo else None
     mark = item.get_closest_marker("exercise")
     own = mark.args[0] if mark else None
-    stub = isinstance(error, NotImplementedError) and exercises.EXERCISE_STUB.match(str(error))
-    if stub:
-        where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"      # the stub's function
-        if stub[1] == own:
-            report.longrepr = f"exercise {own}: not started (the stub in {where} raises NotImplementedError)"
-        else:
-            report.outcome = "skipped"
-            report.longrepr = (str(item.path), item.location[1], f"blocked by exercise {stub[1]}: {where} not started")
+    stub = stub_outcome(str(error), own) if isinstance(error, NotImplementedError) else None
+    if stub and stub[0] == "not started":
+        report.longrepr = stub[1]
+    elif stub:
+        report.outcome, report.longrepr = "skipped", (str(item.path), item.location[1], stub[1])
     elif own and isinstance(error, AssertionError):
         report.longrepr = f"exercise {own}: {error}"
     return report

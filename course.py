@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from exercises import (EXERCISE_STUB, EXERCISES, Case, cases_of, compare, compare_error, exercise_tests,
-                       hand_back_outputs, load_cases, save_cases)
+from exercises import (EXERCISES, Case, cases_of, compare, compare_error, exercise_tests, hand_back_outputs,
+                       load_cases, save_cases, stub_outcome)
 
 HERE = Path(__file__).resolve().parent
 
@@ -451,13 +451,8 @@ def verdict(case, record):
     if type(record) is not dict:
         return "failed", f"exercise {case.exercise}: {case.what}: handed back {type(record).__name__}, not outputs"
     error, message = record.get("error"), str(record.get("message", ""))
-    stub = error == "NotImplementedError" and EXERCISE_STUB.match(message)
-    if stub:
-        where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"
-        if stub[1] == case.exercise:
-            return "not started", (f"exercise {case.exercise}: not started (the stub in {where} raises "
-                                   f"NotImplementedError)")
-        return "blocked", f"blocked by exercise {stub[1]}: {where} not started"
+    if error == "NotImplementedError" and (stub := stub_outcome(message, case.exercise)):
+        return stub
     if error is not None and not case.raises:
         return "failed", f"{error}: {message}"
     try:

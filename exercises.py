@@ -170,9 +170,9 @@ def check(case: Case, cm):
     student's own. (An instructor's grade runs the student's code in a process of its own and
     compares in another: course.py.)"""
     if not case.raises:
-        return compare(case, case.call(cm, **case.inputs))
+        return compare(case, run(case.call, cm, case.inputs))
     try:
-        case.call(cm, **case.inputs)
+        run(case.call, cm, case.inputs)
     except NotImplementedError:   # a stub: not started, or blocked (see conftest.py)
         raise
     except Exception as err:      # the expected kind of error, saying what it must say?
@@ -216,9 +216,14 @@ def cases_of(exercise, test) -> list[Case]:
     return [dataclasses.replace(c, exercise=exercise, test=test.__name__) for c in made]
 
 
-# How each case runs the student's code. Each takes the student's module and the case's inputs
-# and returns {output name: tensor}. Modules are built from a config (overrides of tiny()) and
+# How each case runs the student's code (without autograd: see run). Each takes the student's
+# module and the case's inputs and returns {output name: tensor}. Modules are built from a config (overrides of tiny()) and
 # loaded with the case's weights, so the student's own initialisation does not matter.
+
+@torch.no_grad()
+def run(call, cm, inputs):
+    return call(cm, **inputs)
+
 
 def _built(cm, module, state, dtype=torch.float64):
     module = module.to(dtype)
@@ -230,23 +235,19 @@ def _cfg(cm, cfg):
     return cm.CogVLAConfig.tiny(**cfg)
 
 
-@torch.no_grad()
 def call_rmsnorm(cm, x, weight, eps):
     return {"out": _built(cm, cm.RMSNorm(weight.shape[0], eps), {"weight": weight}, weight.dtype)(x)}
 
 
-@torch.no_grad()
 def call_rope_cos_sin(cm, head_dim, theta, position_ids, dtype):
     cos, sin = cm.RotaryEmbedding(head_dim, theta)(position_ids, getattr(torch, dtype))
     return {"cos": cos, "sin": sin}
 
 
-@torch.no_grad()
 def call_apply_rope(cm, x, cos, sin):
     return {"out": cm.apply_rope(x, cos, sin)}
 
 
-@torch.no_grad()
 def call_rope_scores(cm, q, k, pairs, head_dim, theta):
     """q.k after RoPE, for each (query position, key position) pair."""
     rope, scores = cm.RotaryEmbedding(head_dim, theta), []
@@ -257,24 +258,20 @@ def call_rope_scores(cm, q, k, pairs, head_dim, theta):
     return {"scores": torch.stack(scores)}
 
 
-@torch.no_grad()
 def call_rope_in_bf16_model(cm, cfg, position_ids):
     rope = cm.LlamaDecoder(_cfg(cm, cfg)).to(torch.bfloat16).rotary_emb
     cos, sin = rope(position_ids, torch.bfloat16)
     return {"cos": cos, "sin": sin}
 
 
-@torch.no_grad()
 def call_attention_mask(cm, cfg, token_idx):
     return {"mask": cm.attention_mask(_cfg(cm, cfg), token_idx)}
 
 
-@torch.no_grad()
 def call_attention(cm, cfg, state, x, cos, sin, mask):
     return {"out": _built(cm, cm.Attention(_cfg(cm, cfg)), state)(x, cos, sin, mask)}
 
 
-@torch.no_grad()
 def call_mlp(cm, cfg, state, x):
     return {"out": _built(cm, cm.MLP(_cfg(cm, cfg)), state)(x)}
 
@@ -292,30 +289,25 @@ def call_shifted_schedule(cm, curve, average, top, floor, n_layers):
                                    dtype=torch.float64)}
 
 
-@torch.no_grad()
 def call_router(cm, cfg, state, h):
     return {"keep_prob": _built(cm, cm.Router(_cfg(cm, cfg)), state)(h)}
 
 
-@torch.no_grad()
 def call_select(cm, cfg, keep_prob, k):
     before = keep_prob.clone()
     idx = cm.select(before, k, _cfg(cm, cfg))
     return {"idx": idx, "keep_prob": before}     # `before` again: select must leave it as it was
 
 
-@torch.no_grad()
 def call_gather_tokens(cm, x, idx):
     return {"out": cm.gather_tokens(x, idx)}
 
 
-@torch.no_grad()
 def call_scatter_tokens(cm, x, idx, y):
     x_given = x.clone()
     return {"out": cm.scatter_tokens(x_given, idx, y), "x": x_given}   # x must stay as it was
 
 
-@torch.no_grad()
 def call_lfp_layer(cm, cfg, state, x, layer):
     """forward_lfp of decoder layer `layer`: its output, keep probabilities, kept indices, and
     how much the rows it dropped changed (nothing)."""
@@ -330,7 +322,6 @@ def call_lfp_layer(cm, cfg, state, x, layer):
             "dropped rows changed by": (out - x)[~kept], "out": out}
 
 
-@torch.no_grad()
 def call_lfp_layer_unit_weights(cm, cfg, state, x, layer):
     """forward_lfp with every keep probability 1 (the router replaced)."""
     llm = _built(cm, cm.LlamaDecoder(_cfg(cm, cfg)), state)
@@ -339,7 +330,6 @@ def call_lfp_layer_unit_weights(cm, cfg, state, x, layer):
     return {"out": lfp.forward_lfp(x, torch.arange(x.shape[1])[None], llm.rotary_emb)}
 
 
-@torch.no_grad()
 def call_lfp_layer_with_inf(cm, cfg, layer, x):
     """A decoder whose LFP layer `layer` has an inf weight, run on x (it must raise)."""
     llm = cm.LlamaDecoder(_cfg(cm, cfg))
@@ -347,12 +337,10 @@ def call_lfp_layer_with_inf(cm, cfg, layer, x):
     return {"out": llm(x)}
 
 
-@torch.no_grad()
 def call_vit_block(cm, width, heads, mlp_ratio, d_cond, state, x, cond):
     return {"out": _built(cm, cm.ViTBlock(width, heads, mlp_ratio, d_cond), state)(x, cond)}
 
 
-@torch.no_grad()
 def call_vision_tower(cm, cfg, state, images, instruction):
     return {"out": _built(cm, cm.VisionTower(_cfg(cm, cfg)), state)(images, instruction)}
 
@@ -394,6 +382,17 @@ def load_cases(path) -> list[Case]:
 EXERCISE_STUB = re.compile(r"exercise (\w+): not started( \(\w[\w.]*\))?")  # what a stub raises
 
 
+def stub_outcome(message, exercise):
+    """("not started", why) if `message` is the stub of `exercise` (the test's own), ("blocked",
+    why) if another exercise's stub, None if it is no stub's."""
+    if not (stub := EXERCISE_STUB.match(message)):
+        return None
+    where = stub[2].strip(" ()") if stub[2] else "cogvla_mini.py"      # the stub's function
+    if stub[1] == exercise:
+        return "not started", f"exercise {exercise}: not started (the stub in {where} raises NotImplementedError)"
+    return "blocked", f"blocked by exercise {stub[1]}: {where} not started"
+
+
 def hand_back_outputs(job, out, log, time_limit):
     """What a grading process does (started by course.py): import each cogvla_mini.py that JOB
     names, run each call on its inputs, and save to OUT each call's outputs, or the error it
@@ -418,7 +417,7 @@ def hand_back_outputs(job, out, log, time_limit):
             if isinstance(modules[path], dict):
                 records.append(modules[path])
                 continue
-            outputs = CALLS[call["call"]](modules[path], **call["inputs"])
+            outputs = run(CALLS[call["call"]], modules[path], call["inputs"])
             records.append({"outputs": {k: v.detach().cpu().as_subclass(torch.Tensor).clone()
                                         for k, v in outputs.items()}})
         except Exception as err:
