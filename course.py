@@ -9,7 +9,8 @@
 In cogvla_mini.py a line `# --- exercise <id> ---` marks a region: from there to the end of its
 block. A handout replaces the chosen regions with stubs and carries, instead of tests with the
 solutions in them, `test_exercises.py` and `exercises.pt`: the inputs of every check, the
-reference's outputs and the outputs of the classic mistakes, made at handout time.
+reference's outputs and the outputs of the classic mistakes, made at handout time. A grade runs
+the student's code in a process of its own that only hands back outputs; this one compares them.
 """
 
 from __future__ import annotations
@@ -375,26 +376,29 @@ def grade(student, reference=None, exercises=None, time_limit=GRADING_TIME_LIMIT
     else:
         cases = load_cases(student / "exercises.pt")
     cases = [c for c in cases if c.exercise in ids]
-    if reference is None:
-        runs = {"all": (mine, {n: (str(path), n) for n in range(1, mine.count("\n") + 2)})}
-        places = ["all"] * len(cases)
-    else:
+    if reference is None:      # one run: the student's file, origin: each line its own
+        runs = {None: (mine, {n: (str(path), n) for n in range(1, mine.count("\n") + 2)})}
+    else:                      # a run per exercise: the reference with that exercise's regions
         theirs = (Path(reference) / "cogvla_mini.py").read_text()
         bodies = located_bodies(mine, path)
         if absent := [ex for ex in ids if ex not in bodies]:
             raise GradingError(f"{path}: no region for exercise(s) {', '.join(absent)}: its "
                                f"'# --- exercise <id> ---' marker line must stay")
         runs = {ex: with_bodies(theirs, {ex: bodies[ex]}) for ex in ids}
-        places = [c.exercise for c in cases]
     log(f"grading {path}" + (f" in isolation against {reference}" if reference else "")
         + f": {len(ids)} exercise(s) ...")
-    records = outputs_of({name: text for name, (text, _) in runs.items()}, cases, places, time_limit, path)
     tests = {}    # test -> its exercise, and the first case that did not pass: (outcome, message)
-    for case, record, place in zip(cases, records, places):
-        outcome, message = verdict(case, record)
-        test = tests.setdefault(case.test, {"exercise": case.exercise, "outcome": "passed", "message": ""})
-        if test["outcome"] == "passed" and outcome != "passed":
-            test.update(outcome=outcome, message=relocated(message, runs[place][1], Path(reference or student)))
+    for ex, (text, origin) in runs.items():
+        mine_here = [case for case in cases if ex in (None, case.exercise)]
+        try:
+            verdicts = [verdict(case, record) for case, record in
+                        zip(mine_here, outputs_of(text, mine_here, time_limit, path))]
+        except GradingError as err:          # a crash or a time-out fails each case of that run
+            verdicts = [("failed", str(err))] * len(mine_here)
+        for case, (outcome, message) in zip(mine_here, verdicts):
+            test = tests.setdefault(case.test, {"exercise": case.exercise, "outcome": "passed", "message": ""})
+            if test["outcome"] == "passed" and outcome != "passed":
+                test.update(outcome=outcome, message=relocated(message, origin, Path(reference or student)))
     return grade_rows(list(tests.values()), ids, stubs_in(mine), blocking=reference is None)
 
 
@@ -406,18 +410,16 @@ PROCESSES = multiprocessing.get_context("forkserver" if "forkserver" in multipro
 PROCESSES.set_forkserver_preload(["torch", "exercises"])
 
 
-def outputs_of(texts, cases, places, time_limit, path):
-    """Run each case on the cogvla_mini.py texts[place] in a process of its own, which hands back
-    what each call returned or raised, as tensors and strings (loaded with weights_only: nothing
+def outputs_of(text, cases, time_limit, path):
+    """Run the cases on `text` (a cogvla_mini.py) in a process of its own, which hands back what
+    each call returned or raised, as tensors and strings (loaded with weights_only: nothing
     executable). GradingError if it does not finish in time, ends without its outputs, or hands
     back anything else."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, text in texts.items():
-            (tmp / name).mkdir()
-            (tmp / name / "cogvla_mini.py").write_text(text)
-        torch.save({"calls": [{"module": str(tmp / place / "cogvla_mini.py"), "call": c.call.__name__,
-                               "inputs": c.inputs} for c, place in zip(cases, places)]}, tmp / "job.pt")
+        (tmp / "cogvla_mini.py").write_text(text)
+        torch.save({"module": str(tmp / "cogvla_mini.py"),
+                    "calls": [{"call": c.call.__name__, "inputs": c.inputs} for c in cases]}, tmp / "job.pt")
         job, out, log = tmp / "job.pt", tmp / "outputs.pt", tmp / "grading.log"
         process = PROCESSES.Process(target=hand_back_outputs, args=(job, out, log, time_limit), daemon=True)
         process.start()

@@ -394,7 +394,7 @@ def stub_outcome(message, exercise):
 
 
 def hand_back_outputs(job, out, log, time_limit):
-    """What a grading process does (started by course.py): import each cogvla_mini.py that JOB
+    """What a grading process does (started by course.py): import the cogvla_mini.py that JOB
     names, run each call on its inputs, and save to OUT each call's outputs, or the error it
     raised, as plain data. It compares nothing and knows no expected value: the grade is made in
     a process that never runs the student's code. What it prints goes to LOG, and after
@@ -403,21 +403,17 @@ def hand_back_outputs(job, out, log, time_limit):
     faulthandler.dump_traceback_later(time_limit, exit=True, file=sys.stderr)
     # No folder holding a cogvla_mini.py on the path: `import cogvla_mini` must not find the reference.
     sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "cogvla_mini.py").exists()]
-    job, modules, records = torch.load(job, weights_only=True), {}, []
+    job = torch.load(job, weights_only=True)
+    path, records = job["module"], []
+    try:
+        spec = importlib.util.spec_from_file_location("cogvla_mini", path)
+        cm = sys.modules["cogvla_mini"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cm)
+    except Exception as err:
+        return torch.save([error_record(err, path, "cogvla_mini.py does not import: ")] * len(job["calls"]), out)
     for call in job["calls"]:
-        path = call["module"]
         try:
-            if path not in modules:
-                spec = importlib.util.spec_from_file_location("cogvla_mini", path)
-                modules[path] = sys.modules["cogvla_mini"] = importlib.util.module_from_spec(spec)
-                try:
-                    spec.loader.exec_module(modules[path])
-                except Exception as err:
-                    modules[path] = error_record(err, path, "cogvla_mini.py does not import: ")
-            if isinstance(modules[path], dict):
-                records.append(modules[path])
-                continue
-            outputs = run(CALLS[call["call"]], modules[path], call["inputs"])
+            outputs = run(CALLS[call["call"]], cm, call["inputs"])
             records.append({"outputs": {k: v.detach().cpu().as_subclass(torch.Tensor).clone()
                                         for k, v in outputs.items()}})
         except Exception as err:
